@@ -1,0 +1,181 @@
+"""Tokenizers and the text encoder: round trips, parity with open_clip, padding, truncation and errors."""
+
+import open_clip
+import pytest
+import torch
+
+from mmfm.config import TextConfig
+from mmfm.encoders.text import TextEncoder
+from mmfm.encoders.tokenizers import ByteTokenizer, ClipTokenizer, build_tokenizer
+from mmfm.errors import ConfigError, InputError
+
+A, B, C, D = (ord(ch) + 3 for ch in "abcd")  # byte-tokenizer ids of "a".."d"
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    return ByteTokenizer()
+
+
+@pytest.fixture(scope="module")
+def clip_tok():
+    return ClipTokenizer()
+
+
+BYTE_TEXTS = ["A photo of a cat, 42!", "Crème brûlée à la café", "party 🎉🐱", "你好，世界", "", "tab\tand\nnewline"]
+# Cleaned text (lowercase, single spaces, words apart from punctuation) is what CLIP decoding gives back.
+CLIP_TEXTS = ["a photo of a cat", "crème brûlée à la café", "party time 🎉🐱", "你好 世界", "hi !~"]
+
+
+@pytest.mark.parametrize("text", BYTE_TEXTS)
+def test_byte_round_trip(byte_tok, text):
+    ids = byte_tok.encode(text)
+    assert ids == [b + 3 for b in text.encode("utf-8")]
+    assert byte_tok.decode(ids) == text
+    batch, _ = byte_tok([text], max_length=1000)
+    assert byte_tok.decode(batch[0]) == text
+
+
+@pytest.mark.parametrize("text", CLIP_TEXTS)
+def test_clip_round_trip(clip_tok, text):
+    assert clip_tok.decode(clip_tok.encode(text)) == text
+    batch, _ = clip_tok([text], max_length=77)
+    assert clip_tok.decode(batch[0]) == text
+
+
+def test_clip_decode_returns_cleaned_text(clip_tok):
+    assert clip_tok.decode(clip_tok.encode("  A Photo,  of a CAT!")) == "a photo , of a cat !"
+
+
+def test_clip_special_ids_match_open_clip(clip_tok):
+    assert (clip_tok.vocab_size, clip_tok.bos_id, clip_tok.eos_id, clip_tok.pad_id) == (49408, 49406, 49407, 0)
+
+
+def test_clip_bpe_is_built_once(clip_tok):
+    assert ClipTokenizer()._bpe is clip_tok._bpe
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "A photo of a CAT sitting on a mat.",
+        "  Two   dogs &amp; a ball!! ",
+        "Café, naïve résumé 😀 你好 123",
+    ],
+)
+def test_clip_ids_match_open_clip(clip_tok, text):
+    ids, mask = clip_tok([text], max_length=77)
+    expected = open_clip.tokenize([text])[0].tolist()
+    expected = expected[: expected.index(clip_tok.eos_id) + 1]  # open_clip pads to 77; 0 is also "!"
+    assert ids[0].tolist() == expected
+    assert mask.all()
+
+
+def test_clip_truncation_matches_open_clip(clip_tok):
+    text = " ".join(f"word{i}" for i in range(100))
+    ids, mask = clip_tok([text], max_length=77)
+    assert ids.shape == (1, 77) and mask.all()
+    assert ids[0].tolist() == open_clip.tokenize([text])[0].tolist()
+
+
+def test_right_padding_to_longest(byte_tok):
+    ids, mask = byte_tok(["ab", "a"], max_length=100)
+    assert ids.tolist() == [[1, A, B, 2], [1, A, 2, 0]]
+    assert mask.tolist() == [[True, True, True, True], [True, True, True, False]]
+    assert ids.dtype == torch.long and mask.dtype == torch.bool
+
+
+def test_left_padding(byte_tok):
+    ids, mask = byte_tok(["ab", "a"], max_length=100, padding_side="left")
+    assert ids.tolist() == [[1, A, B, 2], [0, 1, A, 2]]
+    assert mask.tolist() == [[True, True, True, True], [False, True, True, True]]
+
+
+def test_clip_left_padding_decodes(clip_tok):
+    ids, mask = clip_tok(["a photo of a cat", "dog"], max_length=77, padding_side="left")
+    assert ids.shape == (2, 7)  # BOS + 5 tokens + EOS
+    assert mask[1].tolist() == [False] * 4 + [True] * 3
+    assert ids[1, :4].tolist() == [0] * 4
+    assert [clip_tok.decode(row) for row in ids] == ["a photo of a cat", "dog"]
+
+
+def test_single_string_is_a_batch_of_one(byte_tok):
+    ids, mask = byte_tok("ab", max_length=10)
+    assert ids.tolist() == [[1, A, B, 2]] and mask.all()
+
+
+def test_truncation_keeps_bos_first_tokens_and_eos(byte_tok):
+    ids, mask = byte_tok(["abcdef", "a"], max_length=5)
+    assert ids.tolist() == [[1, A, B, C, 2], [1, A, 2, 0, 0]]
+    assert mask.sum(dim=1).tolist() == [5, 3]
+    ids, _ = byte_tok(["abcdef"], max_length=2)
+    assert ids.tolist() == [[1, 2]]
+
+
+def test_add_eos_false(byte_tok):
+    ids, mask = byte_tok(["abcdef", "a"], max_length=5, add_eos=False, padding_side="left")
+    assert ids.tolist() == [[1, A, B, C, D], [0, 0, 0, 1, A]]
+    assert mask.tolist() == [[True] * 5, [False] * 3 + [True] * 2]
+    assert 2 not in ids.tolist()[1]
+
+
+def test_max_length_too_small(byte_tok):
+    with pytest.raises(ValueError, match="max_length"):
+        byte_tok(["abc"], max_length=1)
+
+
+def test_decode_stops_at_eos_and_skips_pad_and_bos(byte_tok):
+    assert byte_tok.decode([0, 0, 1, ord("h") + 3, 0, ord("i") + 3, 2, A, 0]) == "hi"
+    assert byte_tok.decode(torch.tensor([1, A, B, 2, C])) == "ab"
+
+
+def test_clip_decode_keeps_exclamation_mark(clip_tok):
+    # PAD is 0, which is also CLIP's "!": decode must not drop it from the text.
+    assert clip_tok.encode("hi !~") == [1883, 0, 349]
+    for padding_side in ("right", "left"):
+        ids, _ = clip_tok(["hi !~", "a photo of a cat"], max_length=77, padding_side=padding_side)
+        assert clip_tok.decode(ids[0]) == "hi !~"
+    assert clip_tok.decode([0, 349, clip_tok.eos_id, 0, 0]) == "!~"
+
+
+def test_decode_invalid_utf8_does_not_raise(byte_tok):
+    assert byte_tok.decode([1, 0xFF + 3, A, 0xC3 + 3, 2]) == "\ufffda\ufffd"
+
+
+def test_decode_rejects_batched_tensor(byte_tok):
+    with pytest.raises(InputError, match="1-D"):
+        byte_tok.decode(torch.ones(2, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("texts", "match"),
+    [(["ok", 3], r"texts\[1\].*int"), (["ok", None], r"texts\[1\].*NoneType"), (b"bytes", "bytes"), ([], "empty")],
+)
+def test_non_str_input_raises(byte_tok, clip_tok, texts, match):
+    for tok in (byte_tok, clip_tok):
+        with pytest.raises(InputError, match=match):
+            tok(texts, max_length=10)
+
+
+def test_build_tokenizer():
+    assert isinstance(build_tokenizer(TextConfig(tokenizer="byte")), ByteTokenizer)
+    assert isinstance(build_tokenizer(TextConfig(tokenizer="clip")), ClipTokenizer)
+    with pytest.raises(ConfigError, match="tokenizer"):
+        build_tokenizer(TextConfig(tokenizer="sentencepiece"))
+
+
+def test_text_encoder_shape_and_init(byte_tok):
+    torch.manual_seed(0)
+    encoder = TextEncoder(byte_tok.vocab_size, dim=64)
+    ids, _ = byte_tok(["a photo", "a cat"], max_length=16)
+    out = encoder(ids)
+    assert out.shape == (2, ids.shape[1], 64)
+    torch.testing.assert_close(out[0, 1], encoder.embed.weight[A])
+    assert abs(encoder.embed.weight.std().item() - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("bad", [259, -1])
+def test_text_encoder_rejects_out_of_range_ids(bad):
+    encoder = TextEncoder(259, dim=8)
+    with pytest.raises(InputError, match=r"\[0, 259\)"):
+        encoder(torch.tensor([[1, 5, bad]]))
