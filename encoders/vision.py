@@ -1,0 +1,188 @@
+"""The image encoder: a timm ViT-family model that turns pixels into a sequence of patch tokens.
+
+```python
+encoder = ImageEncoder(ImageEncoderConfig(model_name="vit_base_patch16_224"))
+processor = ImageProcessor(encoder.data_config, encoder.config.in_chans)
+tokens = encoder(processor(["cat.jpg"]))  # (1, 196, 768)
+```
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_data_config
+from timm.data.transforms import str_to_interp_mode
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from mmfm.config import ImageEncoderConfig
+from mmfm.errors import ConfigError, InputError
+
+# timm modules whose models are VisionTransformer or a subclass; used to suggest names for a typo.
+_VIT_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid")
+
+
+class ImageEncoder(nn.Module):
+    """A timm ViT-family model that encodes images into tokens, with the preprocessing that suits it.
+
+    The timm model is kept as `self.vit`, so state_dict keys are `vit.` + timm's own keys. It is built without a
+    classifier head or pooling; `forward` returns the tokens after timm's final norm.
+
+    Attributes:
+        config: the config the encoder was built from.
+        vit: the timm VisionTransformer.
+        width: token width.
+        num_tokens: tokens per image that `forward` returns at the configured image size.
+        data_config: preprocessing in timm's `resolve_data_config` form (input_size, interpolation, mean, std,
+            crop_pct, crop_mode): the model's pretrained config, overridden by the config's non-None fields.
+    """
+
+    def __init__(self, config: ImageEncoderConfig) -> None:
+        """Builds the timm model named by `config.model_name` with the config's overrides.
+
+        Args:
+            config: the image encoder config.
+
+        Raises:
+            ConfigError: the name is not a timm model, not a ViT-family one, or timm cannot build it as configured.
+        """
+        super().__init__()
+        self.config = config
+        global_pool = ""
+        if issubclass(_vit_class(config.model_name), VisionTransformerDistilled):
+            # DeiT's distilled ViT builds only with token pooling, which never runs without a head, and its
+            # forward has no place for register tokens.
+            if config.reg_tokens:
+                raise ConfigError(
+                    f"image.reg_tokens: {config.model_name!r} takes no register tokens (its prefix tokens are the "
+                    f"class and distillation tokens), got {config.reg_tokens}"
+                )
+            global_pool = "token"
+        # timm drops keyword arguments that are None, keeping the model's own value for those.
+        overrides = {
+            "img_size": config.img_size,
+            "patch_size": config.patch_size,
+            "embed_dim": config.width,
+            "depth": config.depth,
+            "num_heads": config.num_heads,
+        }
+        try:
+            self.vit: VisionTransformer = timm.create_model(
+                config.model_name,
+                pretrained=False,
+                num_classes=0,
+                global_pool=global_pool,
+                in_chans=config.in_chans,
+                class_token=config.class_token,
+                reg_tokens=config.reg_tokens,
+                **overrides,
+            )
+        except (AssertionError, TypeError, ValueError, RuntimeError) as e:
+            fields = ("img_size", "patch_size", "width", "depth", "num_heads", "in_chans", "class_token", "reg_tokens")
+            settings = ", ".join(f"image.{f}={getattr(config, f)!r}" for f in fields if getattr(config, f) is not None)
+            raise ConfigError(f"image: timm cannot build {config.model_name!r} with {settings}: {e}") from e
+        self.width: int = self.vit.embed_dim
+        kept_prefix = self.vit.num_prefix_tokens if config.keep_prefix_tokens else 0
+        self.num_tokens: int = kept_prefix + self.vit.patch_embed.num_patches
+        self.data_config: dict[str, Any] = _data_config(self.vit, config)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """Encodes a batch of preprocessed images.
+
+        Args:
+            pixels: (B, in_chans, H, W) normalised images, H and W as in `data_config["input_size"]`.
+
+        Returns:
+            (B, num_tokens, width) tokens: the patch tokens in raster order, preceded by the class and register
+            tokens when `config.keep_prefix_tokens` is set.
+
+        Raises:
+            InputError: `pixels` does not have the shape the model takes.
+        """
+        self._check_shape(pixels)
+        x = self.vit.forward_features(pixels)  # (B, num_prefix_tokens + num_patches, width)
+        if not self.config.keep_prefix_tokens:
+            x = x[:, self.vit.num_prefix_tokens :]  # (B, num_patches, width)
+        return x
+
+    def _check_shape(self, pixels: Tensor) -> None:
+        embed = self.vit.patch_embed
+        channels = self.config.in_chans
+        shape = tuple(pixels.shape)
+        if embed.strict_img_size:
+            expected = f"(B, {channels}, {embed.img_size[0]}, {embed.img_size[1]})"
+            fits = shape[-2:] == embed.img_size
+        elif embed.dynamic_img_pad:
+            expected = f"(B, {channels}, H, W)"
+            fits = True
+        else:
+            step_h, step_w = embed.feat_ratio(as_scalar=False)
+            expected = f"(B, {channels}, H, W) with H a multiple of {step_h} and W a multiple of {step_w}"
+            fits = len(shape) == 4 and shape[2] % step_h == 0 and shape[3] % step_w == 0
+        if len(shape) != 4 or shape[1] != channels or not fits:
+            raise InputError(f"image encoder expects pixels of shape {expected}, got {shape}")
+
+
+def _vit_class(model_name: str) -> type[VisionTransformer]:
+    """The class of timm model `model_name`; ConfigError unless it is VisionTransformer or a subclass."""
+    if not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(module=_VIT_MODULES), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"image.model_name: {model_name!r} is not a timm model{hint}")
+    # Building on the meta device allocates nothing, so the class can be checked before the real build.
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(model_name, pretrained=False)
+    except RuntimeError as e:
+        raise ConfigError(f"image.model_name: timm cannot build {model_name!r}: {e}") from e
+    if not isinstance(probe, VisionTransformer):
+        raise ConfigError(
+            f"image.model_name: {model_name!r} is a timm {type(probe).__name__}, not a ViT-family model "
+            "(timm's VisionTransformer or a subclass, e.g. 'vit_base_patch16_224' or 'deit_small_patch16_224')"
+        )
+    return type(probe)
+
+
+def _data_config(vit: VisionTransformer, config: ImageEncoderConfig) -> dict[str, Any]:
+    """The model's preprocessing as timm resolves it, with the config's non-None fields taking precedence."""
+    channels = config.in_chans
+    for key in ("mean", "std"):
+        value = getattr(config, key)
+        if value is not None and len(value) not in (1, channels):
+            raise ConfigError(f"image.{key} needs 1 or image.in_chans={channels} values, got {list(value)}")
+    if config.crop_pct is not None and config.crop_pct <= 0:
+        raise ConfigError(f"image.crop_pct must be positive, got {config.crop_pct}")
+    if config.interpolation is not None:
+        try:
+            str_to_interp_mode(config.interpolation)
+        except KeyError:
+            raise ConfigError(
+                f"image.interpolation: {config.interpolation!r} is not a timm interpolation "
+                "(nearest, bilinear, bicubic, box, hamming, lanczos)"
+            ) from None
+    # The pretrained config's input_size is the named model's, not the one built here, so pass the real one.
+    args = {
+        "input_size": (channels, *vit.patch_embed.img_size),
+        "mean": config.mean,
+        "std": config.std,
+        "crop_pct": config.crop_pct,
+        "interpolation": config.interpolation,
+    }
+    data_config = resolve_data_config(args=args, model=vit)
+    for key in ("mean", "std"):
+        stats = data_config[key]
+        if len(stats) == channels:
+            continue
+        # Pretrained statistics are per RGB channel; a greyscale model takes their average.
+        if channels != 1:
+            raise ConfigError(
+                f"image.{key}: {config.model_name!r} has {len(stats)}-channel defaults but image.in_chans is "
+                f"{channels}; set image.mean and image.std"
+            )
+        data_config[key] = (sum(stats) / len(stats),)
+    return data_config
