@@ -1,0 +1,289 @@
+"""AudioProcessor: loading, downmix, resampling, AST's kaldi fbank front-end, pad/crop, and input errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torchaudio.compliance.kaldi as kaldi
+import torchaudio.functional
+from torch.testing import assert_close
+
+from mmfm.config import AudioEncoderConfig
+from mmfm.encoders.audio_processor import AudioProcessor
+from mmfm.errors import InputError
+
+
+def tiny(**overrides) -> AudioEncoderConfig:
+    return AudioEncoderConfig(num_mel_bins=32, target_frames=64, **overrides)
+
+
+def noise(num_samples: int, channels: int | None = None, seed: int = 0) -> np.ndarray:
+    """Float32 noise in [-0.5, 0.5], shape (T,) or (T, channels)."""
+    shape = (num_samples,) if channels is None else (num_samples, channels)
+    return (np.random.default_rng(seed).random(shape, dtype=np.float32) - 0.5).astype(np.float32)
+
+
+def kaldi_reference(waveform: torch.Tensor, config: AudioEncoderConfig) -> torch.Tensor:
+    """AST's fbank called directly with the config's settings, not yet padded, cropped or normalised."""
+    return kaldi.fbank(
+        waveform.unsqueeze(0),
+        htk_compat=True,
+        sample_frequency=config.sample_rate,
+        use_energy=False,
+        window_type=config.window,
+        num_mel_bins=config.num_mel_bins,
+        dither=0.0,
+        frame_length=config.frame_length_ms,
+        frame_shift=config.frame_shift_ms,
+    )
+
+
+def normalise(fbank: torch.Tensor, config: AudioEncoderConfig) -> torch.Tensor:
+    return (fbank - config.norm_mean) / (2 * config.norm_std)
+
+
+def features_of(config: AudioEncoderConfig, waveform, sample_rate: int) -> torch.Tensor:
+    processor = AudioProcessor(config)
+    return processor.features(processor.load((waveform, sample_rate)))
+
+
+def test_default_front_end_equals_kaldi_fbank_with_ast_settings():
+    config = AudioEncoderConfig()
+    waveform = torch.from_numpy(noise(16000 * 3))  # 298 frames, zero-padded to 1024
+    reference = kaldi_reference(waveform, config)
+    assert reference.shape == (298, 128)
+    expected = normalise(torch.cat([reference, torch.zeros(1024 - 298, 128)]), config)
+
+    out = features_of(config, waveform, 16000)
+
+    assert out.shape == (1024, 128) and out.dtype == torch.float32
+    assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_non_default_front_end_equals_kaldi_fbank():
+    config = AudioEncoderConfig(
+        sample_rate=8000,
+        num_mel_bins=40,
+        target_frames=100,
+        frame_length_ms=32.0,
+        frame_shift_ms=5.0,
+        window="hamming",
+        norm_mean=-2.0,
+        norm_std=3.0,
+        crop="center",
+    )
+    waveform = torch.from_numpy(noise(8000))  # (8000 - 256) // 40 + 1 = 194 frames, centre 100 kept
+    reference = kaldi_reference(waveform, config)
+    assert reference.shape == (194, 40)
+
+    out = features_of(config, waveform, 8000)
+
+    assert_close(out, normalise(reference[47:147], config), rtol=0, atol=0)
+
+
+def test_default_front_end_matches_hugging_face_ast_feature_extractor():
+    transformers = pytest.importorskip("transformers")
+    # without torchaudio, transformers falls back to a numpy fbank that is close but not identical
+    assert transformers.utils.is_speech_available()
+    extractor = transformers.ASTFeatureExtractor()
+    processor = AudioProcessor(AudioEncoderConfig())
+    for seconds in (4, 12):  # padded and truncated to 1024 frames
+        waveform = noise(16000 * seconds, seed=seconds) * 0.8
+        expected = extractor(waveform, sampling_rate=16000, return_tensors="pt").input_values[0]
+
+        out = processor([(waveform, 16000)])[0]
+
+        assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_stereo_44k_wav_equals_manual_downmix_and_resample(tmp_path: Path):
+    config = tiny()
+    stereo = noise(44100, channels=2)  # (T, C), 1 s
+    path = tmp_path / "stereo.wav"
+    soundfile.write(path, stereo, 44100, subtype="FLOAT")
+    mono = torch.from_numpy(stereo).T.mean(dim=0)  # (T,)
+    resampled = torchaudio.functional.resample(mono, 44100, 16000)
+    processor = AudioProcessor(config)
+
+    loaded = processor.load(path)
+
+    assert loaded.dtype == torch.float32 and loaded.shape == (16000,)
+    assert_close(loaded, resampled, rtol=0, atol=0)
+    assert_close(processor([str(path)])[0], processor.features(resampled), rtol=0, atol=0)
+
+
+def test_pcm16_wav_equals_int16_pair(tmp_path: Path):
+    samples = (noise(16000, channels=2) * 30000).astype(np.int16)  # (T, C)
+    path = tmp_path / "pcm16.wav"
+    soundfile.write(path, samples, 16000, subtype="PCM_16")
+    processor = AudioProcessor(tiny())
+
+    assert_close(processor(path), processor([(samples, 16000)]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale", "offset"),
+    [(np.int16, 2.0**15, 0), (np.int32, 2.0**31, 0), (np.uint8, 2.0**7, 2**7)],
+)
+def test_integer_waveform_equals_scaled_float(dtype, scale, offset):
+    info = np.iinfo(dtype)
+    ints = np.random.default_rng(1).integers(info.min, info.max, size=16000, endpoint=True).astype(dtype)
+    floats = ((ints.astype(np.float64) - offset) / scale).astype(np.float32)
+    processor = AudioProcessor(tiny())
+
+    assert_close(processor.load((ints, 16000)), torch.from_numpy(floats), rtol=0, atol=0)
+    assert_close(processor([(ints, 16000)]), processor([(floats, 16000)]), rtol=0, atol=0)
+
+
+def test_channel_layouts_agree_and_downmix_by_mean():
+    stereo = noise(16000, channels=2)  # (T, C)
+    processor = AudioProcessor(tiny())
+    mono = torch.from_numpy(stereo).mean(dim=1)
+
+    as_time_channels = processor.load((stereo, 16000))
+    as_channels_time = processor.load((torch.from_numpy(stereo.T.copy()), 16000))
+
+    assert_close(as_time_channels, mono, rtol=0, atol=0)
+    assert_close(as_channels_time, mono, rtol=0, atol=0)
+    assert_close(processor.load((stereo[:, :1], 16000)), torch.from_numpy(stereo[:, 0]), rtol=0, atol=0)
+
+
+def test_pair_at_other_rate_is_resampled():
+    waveform = noise(8000)
+    loaded = AudioProcessor(tiny()).load((waveform, 8000))
+
+    assert loaded.shape == (16000,)
+    assert_close(loaded, torchaudio.functional.resample(torch.from_numpy(waveform), 8000, 16000), rtol=0, atol=0)
+
+
+def test_pad_zeros_appends_zero_fbank_rows():
+    config = tiny(pad_mode="zeros")
+    waveform = torch.from_numpy(noise(3200))  # (3200 - 400) // 160 + 1 = 18 frames
+    clip = normalise(kaldi_reference(waveform, config), config)
+    assert clip.shape[0] == 18
+
+    out = features_of(config, waveform, 16000)
+
+    assert_close(out[:18], clip, rtol=0, atol=0)
+    padding_value = -config.norm_mean / (2 * config.norm_std)
+    assert_close(out[18:], torch.full((64 - 18, 32), padding_value), rtol=0, atol=0)
+
+
+def test_pad_repeat_tiles_the_clip():
+    config = tiny(pad_mode="repeat")
+    waveform = torch.from_numpy(noise(3200))  # 18 frames
+    clip = normalise(kaldi_reference(waveform, config), config)
+
+    out = features_of(config, waveform, 16000)
+
+    assert_close(out[:18], clip, rtol=0, atol=0)
+    assert_close(out[18], clip[0], rtol=0, atol=0)
+    assert_close(out[40], clip[4], rtol=0, atol=0)
+    assert_close(out[63], clip[63 % 18], rtol=0, atol=0)
+
+
+def test_crop_start_keeps_first_frames_and_center_the_middle():
+    waveform = torch.from_numpy(noise(16000))  # 98 frames; 64 kept
+    clip = normalise(kaldi_reference(waveform, tiny()), tiny())
+    assert clip.shape[0] == 98
+
+    start = features_of(tiny(crop="start"), waveform, 16000)
+    center = features_of(tiny(crop="center"), waveform, 16000)
+
+    assert_close(start, clip[:64], rtol=0, atol=0)
+    assert_close(center[0], clip[17], rtol=0, atol=0)
+    assert_close(center[-1], clip[80], rtol=0, atol=0)
+    assert not torch.equal(start[0], center[0])
+
+
+def test_clip_shorter_than_one_window_is_padded_to_one_frame():
+    config = tiny()
+    waveform = torch.from_numpy(noise(100))  # a 25 ms window is 400 samples
+    one_window = torch.cat([waveform, torch.zeros(300)])
+
+    out = features_of(config, waveform, 16000)
+
+    assert_close(out[0], normalise(kaldi_reference(one_window, config), config)[0], rtol=0, atol=0)
+    assert_close(out[1:], torch.full((63, 32), -config.norm_mean / (2 * config.norm_std)), rtol=0, atol=0)
+
+
+def test_call_batches_paths_and_pairs(tmp_path: Path):
+    processor = AudioProcessor(tiny())
+    path = tmp_path / "mono.flac"
+    soundfile.write(path, noise(20000, seed=3), 16000)
+    pair = (noise(12000, seed=4), 16000)
+
+    batch = processor([path, pair])
+
+    assert batch.shape == (2, 64, 32) and batch.dtype == torch.float32
+    assert_close(batch[0], processor.features(processor.load(path)), rtol=0, atol=0)
+    assert_close(batch[1], processor.features(processor.load(pair)), rtol=0, atol=0)
+    assert_close(processor(pair), batch[1:], rtol=0, atol=0)
+    assert_close(processor(str(path)), batch[:1], rtol=0, atol=0)
+
+
+def test_missing_and_unreadable_files_name_the_path(tmp_path: Path):
+    processor = AudioProcessor(tiny())
+    good = (noise(16000), 16000)
+    missing = tmp_path / "missing.wav"
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio")
+
+    with pytest.raises(InputError, match=r"audio 1 \(.*missing\.wav\): file not found"):
+        processor([good, missing])
+    with pytest.raises(InputError, match=r"audio 1 \(.*notes\.wav\): not a readable audio file"):
+        processor([good, str(text)])
+    with pytest.raises(InputError, match=r"notes\.wav"):
+        processor.load(text)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ((np.zeros(0, dtype=np.float32), 16000), r"waveform is empty"),
+        ((np.zeros((2, 0), dtype=np.float32), 16000), r"waveform is empty"),
+        ((np.array([0.1, np.nan] * 500, dtype=np.float32), 16000), r"NaN"),
+        ((torch.tensor([0.1, float("inf")] * 500), 16000), r"Inf"),
+        ((np.zeros(1000, dtype=np.float32), 0), r"sample rate must be a positive integer, got 0"),
+        ((np.zeros(1000, dtype=np.float32), -16000), r"sample rate must be a positive integer"),
+        ((np.zeros(1000, dtype=np.float32), 16000.5), r"sample rate must be a positive integer, got 16000.5"),
+        ((np.zeros((2, 2, 1000), dtype=np.float32), 16000), r"must be \(T,\), \(C, T\) or \(T, C\)"),
+        ((np.zeros((16, 1000), dtype=np.float32), 16000), r"cannot tell channels from time"),
+        ((np.zeros(1000, dtype=bool), 16000), r"unsupported waveform dtype"),
+        (([0.0] * 1000, 16000), r"must be a numpy array or torch tensor"),
+    ],
+)
+def test_bad_pairs_name_their_index(bad, message):
+    processor = AudioProcessor(tiny())
+    good = (noise(16000), 16000)
+
+    with pytest.raises(InputError, match=r"audio 2 \(") as excinfo:
+        processor([good, good, bad])
+    assert excinfo.match(message)
+
+
+@pytest.mark.parametrize("bare", [np.zeros(1000, dtype=np.float32), torch.zeros(1000)])
+def test_bare_waveform_without_sample_rate_is_rejected(bare):
+    processor = AudioProcessor(tiny())
+
+    with pytest.raises(InputError, match=r"audio 1 \(.*no sample rate"):
+        processor([(noise(16000), 16000), bare])
+    with pytest.raises(InputError, match=r"no sample rate"):
+        processor(bare)
+
+
+def test_empty_batch_and_non_items_are_rejected():
+    processor = AudioProcessor(tiny())
+
+    with pytest.raises(InputError, match="non-empty list"):
+        processor([])
+    with pytest.raises(InputError, match=r"audio 0 \(int\): expected a path or a \(waveform, sample_rate\) pair"):
+        processor([16000])
+    with pytest.raises(InputError, match=r"audio 0 \(int\): expected a path"):
+        processor(16000)
+    with pytest.raises(InputError, match=r"audio 1 \(list\): expected a path or a \(waveform, sample_rate\) pair"):
+        processor([(noise(1000), 16000), [noise(1000), 16000]])
+    with pytest.raises(InputError, match=r"audio 0 \(ndarray\): a bare waveform has no sample rate"):
+        processor([noise(1000), noise(1000)])
