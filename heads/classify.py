@@ -1,0 +1,40 @@
+"""Classification head: pool a media segment's states, then one linear layer."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmfm.config import ClassifyHeadConfig
+from mmfm.pooling import AttentionPool, masked_mean
+
+
+class ClassifyHead(nn.Module):
+    """Mean or learned-query pooling + linear; softmax cross-entropy, or per-class sigmoid for multi-label.
+
+    Args:
+        dim: backbone width.
+        config: class names, pooling and label mode.
+    """
+
+    def __init__(self, dim: int, config: ClassifyHeadConfig):
+        super().__init__()
+        self.labels = list(config.labels)
+        self.multi_label = config.multi_label
+        self.pool = AttentionPool(dim, 1) if config.pool == "query" else None
+        self.fc = nn.Linear(dim, len(self.labels))
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """(B, N, D) states of the segment and its (B, N) mask -> (B, num_classes) logits."""
+        pooled = masked_mean(hidden, mask) if self.pool is None else self.pool(hidden, mask)[:, 0]  # (B, D)
+        return self.fc(pooled)
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        return logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy against (B,) class indices, or BCE against (B, num_classes) multi-hot targets."""
+        if self.multi_label:
+            return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+        return F.cross_entropy(logits.float(), targets)

@@ -1,0 +1,183 @@
+"""The one decoder transformer: RMSNorm, RoPE, SwiGLU, SDPA, grouped-query attention and a KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mmfm.config import BackboneConfig
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    Attributes:
+        k: (depth, B, kv_heads, max_len, head_dim) keys.
+        v: (depth, B, kv_heads, max_len, head_dim) values.
+        length: positions filled so far.
+    """
+
+    def __init__(self, config: BackboneConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        shape = (config.depth, batch, config.kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Writes (B, kv_heads, T, head_dim) keys/values after the filled part; returns all of them so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keeps batch rows `index` (in that order), as beam search does when it picks survivors."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding tables, rotating the two halves of each head (GPT-NeoX layout)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (max_seq_len, hd/2)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L) positions -> cos, sin of shape (B, 1, L, head_dim / 2)."""
+        if positions.max() >= self.cos.shape[0]:
+            raise ValueError(
+                f"sequence position {int(positions.max())} exceeds backbone.max_seq_len ({self.cos.shape[0]})"
+            )
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotates (B, H, L, hd) queries or keys by their positions' angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BackboneConfig):
+        super().__init__()
+        self.num_heads, self.kv_heads, self.head_dim = config.num_heads, config.kv_heads, config.head_dim
+        self.qkv = nn.Linear(config.dim, (config.num_heads + 2 * config.kv_heads) * config.head_dim, bias=False)
+        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        attn_mask: Tensor | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.num_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
+        )
+        q = q.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hd)
+        k = k.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
+        v = v.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, cached + L, hd)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None and cache is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.kv_heads != self.num_heads,
+        )  # (B, nh, L, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden_dim, bias=False)
+        self.down = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: BackboneConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.dim, config.mlp_hidden_dim)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope, attn_mask: Tensor | None, cache: KVCache | None, layer: int) -> Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, attn_mask, cache, layer))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Backbone(nn.Module):
+    """A pre-norm decoder transformer over (B, L, dim) token embeddings.
+
+    The caller supplies positions and the attention mask (see `TokenSequence`), so the backbone knows
+    nothing about modalities. With `attn_mask=None` and no cache, attention is plain causal.
+    """
+
+    def __init__(self, config: BackboneConfig):
+        super().__init__()
+        self.config = config
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.grad_checkpointing = config.grad_checkpointing
+        self.apply(self._init_weights)
+        for block in self.blocks:  # scale residual projections by depth, as GPT-2 does
+            for lin in (block.attn.proj, block.mlp.down):
+                nn.init.normal_(lin.weight, std=0.02 / (2 * config.depth) ** 0.5)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Runs every block and the final norm.
+
+        Args:
+            x: (B, L, dim) token embeddings.
+            positions: (B, L) RoPE positions.
+            attn_mask: (B, 1, L, cached + L) bool, True where attention is allowed; None for plain causal.
+            cache: keys/values of earlier positions; this call appends its L positions and advances it.
+
+        Returns:
+            (B, L, dim) hidden states.
+        """
+        rope = self.rope(positions)
+        for i, block in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rope, attn_mask, None, i, use_reentrant=False)
+            else:
+                x = block(x, rope, attn_mask, cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.norm(x)
