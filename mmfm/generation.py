@@ -1,0 +1,167 @@
+"""Text generation loops: greedy, temperature / top-k / top-p sampling, and beam search.
+
+The loops only see a `DecoderState`: the next-token logits of every row, a way to feed one token per row,
+and a way to reorder rows. Whether that state keeps a KV cache or recomputes the whole sequence each step
+is its own business, which is what lets tests check cached against uncached decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from mmfm.errors import InputError
+
+
+class DecoderState(Protocol):
+    logits: Tensor  # (B, vocab) logits of the next token of every row
+
+    def advance(self, tokens: Tensor) -> None:
+        """Appends one (B,) token per row and updates `logits`."""
+
+    def reorder(self, index: Tensor) -> None:
+        """Keeps rows `index`, in that order (the batch may grow, as when beams are laid out)."""
+
+
+@dataclass
+class GenerationConfig:
+    """How tokens are chosen.
+
+    Attributes:
+        max_new_tokens: most tokens generated per row (EOS ends a row earlier).
+        num_beams: beams per row; above 1 means beam search (deterministic, no sampling).
+        do_sample: sample from the (filtered) distribution instead of taking the argmax.
+        temperature: logits are divided by this before sampling.
+        top_k: sample among the k most likely tokens only; 0 disables.
+        top_p: sample among the smallest set of tokens whose probability reaches p; 1.0 disables.
+        length_penalty: beam hypotheses are ranked by sum log-prob / length ** length_penalty.
+        seed: seeds a private generator, so sampling is reproducible and leaves the global RNG alone.
+        use_cache: decode incrementally with a KV cache (False recomputes the sequence every step).
+    """
+
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    length_penalty: float = 1.0
+    seed: int | None = None
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise InputError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.do_sample:
+            raise InputError("beam search (num_beams > 1) does not sample; set do_sample=False")
+        if self.temperature <= 0:
+            raise InputError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def generate(state: DecoderState, config: GenerationConfig, eos_id: int) -> list[list[int]]:
+    """Generates token ids for every row of `state`; each list stops before EOS."""
+    if config.num_beams > 1:
+        return _beam_search(state, config, eos_id)
+    return _greedy_or_sample(state, config, eos_id)
+
+
+def _greedy_or_sample(state: DecoderState, config: GenerationConfig, eos_id: int) -> list[list[int]]:
+    batch, device = state.logits.shape[0], state.logits.device
+    generator = None
+    if config.do_sample:
+        generator = torch.Generator(device=device)
+        if config.seed is not None:
+            generator.manual_seed(config.seed)
+        else:
+            generator.seed()
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    steps = []
+    for step in range(config.max_new_tokens):
+        if config.do_sample:
+            probs = filter_logits(state.logits.float() / config.temperature, config.top_k, config.top_p).softmax(-1)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            tokens = state.logits.argmax(dim=-1)
+        tokens = tokens.masked_fill(finished, eos_id)  # (B,)
+        steps.append(tokens)
+        finished |= tokens == eos_id
+        if finished.all() or step == config.max_new_tokens - 1:
+            break
+        state.advance(tokens)
+    out = torch.stack(steps, dim=1).tolist()  # (B, T)
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in out]
+
+
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Sets to -inf every logit outside the top-k and outside the top-p nucleus (the most likely always stays)."""
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already >= p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _beam_search(state: DecoderState, config: GenerationConfig, eos_id: int) -> list[list[int]]:
+    batch, vocab = state.logits.shape
+    device, K = state.logits.device, config.num_beams
+    state.reorder(torch.arange(batch, device=device).repeat_interleave(K))  # rows: (b0 beams, b1 beams, ...)
+    scores = torch.full((batch, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # every beam starts identical: keep one alive so the first step does not pick duplicates
+    beams: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(batch)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    done = [False] * batch
+
+    def rank(score: float, length: int) -> float:
+        return score / max(length, 1) ** config.length_penalty
+
+    for step in range(config.max_new_tokens):
+        logprobs = state.logits.float().log_softmax(dim=-1).view(batch, K, vocab)
+        candidates = (scores[:, :, None] + logprobs).view(batch, K * vocab)
+        top_scores, top_ids = candidates.topk(2 * K, dim=-1)  # (B, 2K): enough to refill K beams past EOS hits
+        next_rows, next_tokens, next_scores = [], [], []
+        for b in range(batch):
+            kept = []
+            for score, flat in zip(top_scores[b].tolist(), top_ids[b].tolist()):
+                beam, token = divmod(flat, vocab)
+                if done[b]:
+                    kept.append((0.0, 0, eos_id))  # placeholder rows keep the layout; they are never read
+                elif token == eos_id:
+                    finished[b].append((rank(score, len(beams[b][beam]) + 1), beams[b][beam]))
+                else:
+                    kept.append((score, beam, token))
+                if len(kept) == K:
+                    break
+            if not done[b] and len(finished[b]) >= K:
+                done[b] = True  # K hypotheses ended (Hugging Face's early_stopping=True)
+            beams[b] = [beams[b][beam] + [token] for _, beam, token in kept]
+            next_rows += [b * K + beam for _, beam, _ in kept]
+            next_tokens += [token for _, _, token in kept]
+            next_scores += [score for score, _, _ in kept]
+        scores = torch.tensor(next_scores, device=device).view(batch, K)
+        if all(done) or step == config.max_new_tokens - 1:
+            break
+        state.reorder(torch.tensor(next_rows, device=device))
+        state.advance(torch.tensor(next_tokens, device=device))
+    results = []
+    for b in range(batch):
+        hypotheses = finished[b]
+        if not done[b]:
+            hypotheses = hypotheses + [
+                (rank(float(s), len(seq)), seq) for s, seq in zip(scores[b].tolist(), beams[b]) if seq
+            ]
+        results.append(max(hypotheses, key=lambda h: h[0])[1] if hypotheses else [])
+    return results
