@@ -1,0 +1,25 @@
+"""mmfm: multimodal foundation models. Text, images and audio in; text, labels, embeddings out; one backbone."""
+
+from mmfm.config import ModelConfig
+from mmfm.errors import CheckpointError, ConfigError, InputError, MMFMError
+from mmfm.factory import create_model, load
+from mmfm.generation import GenerationConfig
+from mmfm.model import Classification, MultimodalModel
+from mmfm.registry import list_models, register_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "Classification",
+    "ConfigError",
+    "GenerationConfig",
+    "InputError",
+    "MMFMError",
+    "ModelConfig",
+    "MultimodalModel",
+    "create_model",
+    "list_models",
+    "load",
+    "register_model",
+]

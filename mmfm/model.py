@@ -1,0 +1,311 @@
+"""The multimodal model: modality encoders -> projectors -> one backbone -> task heads, and its user API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmfm.backbone import Backbone
+from mmfm.config import MEDIA_MODALITIES, MODALITIES, ModelConfig
+from mmfm.decoding import CachedDecoder, RecomputingDecoder
+from mmfm.encoders.audio import AudioEncoder
+from mmfm.encoders.audio_processor import AudioProcessor
+from mmfm.encoders.image_processor import ImageProcessor
+from mmfm.encoders.text import TextEncoder
+from mmfm.encoders.tokenizers import build_tokenizer
+from mmfm.encoders.vision import ImageEncoder
+from mmfm.errors import ConfigError, InputError
+from mmfm.generation import GenerationConfig, generate
+from mmfm.heads.caption import CaptionHead
+from mmfm.heads.classify import ClassifyHead
+from mmfm.heads.contrastive import ContrastiveHead
+from mmfm.projector import Projector
+from mmfm.sequence import TokenSequence
+
+
+@dataclass
+class Classification:
+    """What `MultimodalModel.classify` returns.
+
+    Attributes:
+        labels: the most likely class of every item.
+        probs: (B, num_classes) probabilities; softmax, or independent sigmoids for a multi-label head.
+        classes: class names in column order.
+    """
+
+    labels: list[str]
+    probs: Tensor
+    classes: list[str]
+
+    def top(self, k: int = 5) -> list[list[tuple[str, float]]]:
+        """The k most likely (class, probability) pairs of every item, best first."""
+        values, index = self.probs.topk(min(k, len(self.classes)), dim=-1)
+        return [[(self.classes[i], p) for i, p in zip(ix, vs)] for ix, vs in zip(index.tolist(), values.tolist())]
+
+    def above(self, threshold: float = 0.5) -> list[list[str]]:
+        """Every class whose probability reaches `threshold`, per item (the multi-label reading)."""
+        return [[self.classes[i] for i, p in enumerate(row) if p >= threshold] for row in self.probs.tolist()]
+
+
+class MultimodalModel(nn.Module):
+    """Encoders, projectors, backbone and heads, composed by modality- and task-keyed ModuleDicts.
+
+    Args:
+        config: the whole model's config; saved beside every checkpoint.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        dim = config.backbone.dim
+        self.tokenizer = build_tokenizer(config.text)
+        self.processors: dict[str, Any] = {}
+        encoders: dict[str, nn.Module] = {"text": TextEncoder(self.tokenizer.vocab_size, dim)}
+        projectors: dict[str, nn.Module] = {}
+        if config.image is not None:
+            encoders["image"] = ImageEncoder(config.image)
+            self.processors["image"] = ImageProcessor(encoders["image"].data_config, config.image.in_chans)
+        if config.audio is not None:
+            encoders["audio"] = AudioEncoder(config.audio)
+            self.processors["audio"] = AudioProcessor(config.audio)
+        for m in MEDIA_MODALITIES:
+            if m in encoders:
+                projectors[m] = Projector(encoders[m].width, dim, getattr(config, m).projector)
+        self.encoders = nn.ModuleDict(encoders)
+        self.projectors = nn.ModuleDict(projectors)
+        self.backbone = Backbone(config.backbone)
+        heads: dict[str, nn.Module] = {}
+        if config.caption is not None:
+            heads["caption"] = CaptionHead(self.encoders["text"].embed)
+        if config.classify is not None:
+            heads["classify"] = ClassifyHead(dim, config.classify)
+        if config.contrastive is not None:
+            heads["contrastive"] = ContrastiveHead(dim, config.contrastive, config.modalities)
+        self.heads = nn.ModuleDict(heads)
+        longest = sum(self.num_media_tokens(m) for m in projectors) + config.text.max_length
+        if longest > config.backbone.max_seq_len:
+            raise ConfigError(
+                f"{config.name}: media tokens plus text.max_length make sequences of {longest} tokens, "
+                f"more than backbone.max_seq_len ({config.backbone.max_seq_len})"
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.norm.weight.dtype
+
+    def num_media_tokens(self, modality: str) -> int:
+        """Tokens one image or clip becomes in the shared space."""
+        return self.projectors[modality].num_tokens(self.encoders[modality].num_tokens)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per component; a tied weight is counted once, where it is first owned."""
+        seen: set[int] = set()
+        counts = {}
+        for group in ("encoders", "projectors", "heads"):
+            for name, module in getattr(self, group).items():
+                counts[f"{group}.{name}"] = _count_new(module, seen)
+        counts["backbone"] = _count_new(self.backbone, seen)
+        return counts
+
+    # ---- tensor-level building blocks (used by the API below and by training) ----
+
+    def media_tokens(self, modality: str, x: Tensor) -> Tensor:
+        """Processed media (pixels (B, C, H, W) or fbank (B, frames, mel)) -> (B, N, D) shared-space tokens."""
+        self._require_modality(modality)
+        return self.projectors[modality](self.encoders[modality](x))
+
+    def sequence(
+        self, media: dict[str, Tensor] | None = None, ids: Tensor | None = None, mask: Tensor | None = None
+    ) -> TokenSequence:
+        """Media segments (in the order image, audio) followed by an optional text segment of (B, T) ids."""
+        media = media or {}
+        for m in media:
+            self._require_modality(m)
+        parts = [(m, self.media_tokens(m, media[m]), None) for m in MEDIA_MODALITIES if m in media]
+        if ids is not None:
+            parts.append(("text", self.encoders["text"](ids), mask))
+        return TokenSequence.concat(parts)
+
+    def hidden(self, seq: TokenSequence) -> Tensor:
+        """(B, L, D) backbone states of a sequence under its attention policy."""
+        attn_mask = None if seq.is_plain_causal else seq.attention_mask()
+        return self.backbone(seq.embeds, seq.positions(), attn_mask)
+
+    def caption_loss(self, media: dict[str, Tensor], ids: Tensor, mask: Tensor) -> Tensor:
+        """Next-token loss of (B, T) caption ids given the media (empty for a text-only LM loss)."""
+        seq = self.sequence(media, ids, mask)
+        text = seq.segment("text")
+        return self._head("caption").loss(self.hidden(seq)[:, text.start : text.end], ids, mask)
+
+    def classify_logits(self, media: dict[str, Tensor]) -> Tensor:
+        """(B, num_classes) logits of the trained head, pooled over all media tokens."""
+        seq = self.sequence(media)
+        return self._head("classify")(self.hidden(seq), seq.mask)
+
+    def embed_tensors(self, modality: str, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, E) unit embeddings of processed media, or of (B, T) right-padded text ids with their mask."""
+        head = self._head("contrastive")
+        seq = self.sequence(ids=x, mask=mask) if modality == "text" else self.sequence({modality: x})
+        return head(modality, self.hidden(seq), seq.mask)
+
+    # ---- the user API: raw inputs in, Python values out ----
+
+    @torch.no_grad()
+    def caption(
+        self,
+        images: Sequence[Any] | None = None,
+        audio: Sequence[Any] | None = None,
+        prompt: str | Sequence[str] | None = None,
+        **generation: Any,
+    ) -> list[str]:
+        """Generates one text per item, from images, audio, both, or a text prompt alone.
+
+        Args:
+            images: paths, PIL images, arrays or tensors.
+            audio: paths or (waveform, sample_rate) pairs.
+            prompt: text that starts every caption (one string, or one per item); it is not returned.
+            **generation: `GenerationConfig` fields (max_new_tokens, num_beams, do_sample, temperature, top_k,
+                top_p, length_penalty, seed, use_cache).
+
+        Returns:
+            The generated text of every item, without the prompt.
+        """
+        self._head("caption")
+        media = self._process(images=images, audio=audio)
+        batch = _batch_size(media, prompt)
+        prompts = [prompt] * batch if prompt is None or isinstance(prompt, str) else list(prompt)
+        if len(prompts) != batch:
+            raise InputError(f"got {len(prompts)} prompts for {batch} media items")
+        ids, mask = self.tokenizer(
+            [p or "" for p in prompts], self.config.text.max_length, add_eos=False, padding_side="left"
+        )
+        seq = self.sequence(media, ids.to(self.device), mask.to(self.device))
+        config = GenerationConfig(**{"max_new_tokens": self.config.caption.max_new_tokens, **generation})
+        if seq.mask.shape[1] + config.max_new_tokens > self.config.backbone.max_seq_len:
+            raise InputError(
+                f"prompt ({seq.mask.shape[1]} tokens) plus max_new_tokens ({config.max_new_tokens}) exceeds "
+                f"backbone.max_seq_len ({self.config.backbone.max_seq_len})"
+            )
+        state = CachedDecoder(self, seq, config.max_new_tokens) if config.use_cache else RecomputingDecoder(self, seq)
+        return [self.tokenizer.decode(row) for row in generate(state, config, self.tokenizer.eos_id)]
+
+    @torch.no_grad()
+    def classify(
+        self,
+        images: Sequence[Any] | None = None,
+        audio: Sequence[Any] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> Classification:
+        """Classifies every item with the trained head, or zero-shot against `labels` through embeddings.
+
+        Zero-shot: each label is written into every template of `config.contrastive.templates`, the text
+        embeddings of one label are averaged, and probabilities are the softmax of the scaled cosine
+        similarities, as in CLIP.
+        """
+        if labels is None:
+            media = self._process(images=images, audio=audio)
+            head = self._head("classify")
+            probs = head.probabilities(self.classify_logits(media).float())
+            classes = head.labels
+        else:
+            modality, x = self._one_modality(images=images, audio=audio)
+            classes = list(labels)
+            if not classes or not all(isinstance(c, str) and c for c in classes):
+                raise InputError(f"labels must be a non-empty list of non-empty strings, got {labels!r}")
+            head = self._head("contrastive")
+            prompts = [t.format(c) for c in classes for t in head.templates]
+            text = self._embed_text(prompts).view(len(classes), len(head.templates), -1).mean(dim=1)
+            text = torch.nn.functional.normalize(text, dim=-1)  # (C, E)
+            probs = head.logits(self.embed_tensors(modality, x), text).float().softmax(dim=-1)
+        best = probs.argmax(dim=-1).tolist()
+        return Classification([classes[i] for i in best], probs.cpu(), classes)
+
+    @torch.no_grad()
+    def embed(
+        self,
+        text: Sequence[str] | None = None,
+        images: Sequence[Any] | None = None,
+        audio: Sequence[Any] | None = None,
+    ) -> Tensor:
+        """(B, E) unit embeddings of one modality's items, comparable across modalities by dot product."""
+        self._head("contrastive")
+        if text is not None:
+            if images is not None or audio is not None:
+                raise InputError("embed takes one modality at a time: text=, images= or audio=")
+            return self._embed_text([text] if isinstance(text, str) else list(text)).cpu()
+        modality, x = self._one_modality(images=images, audio=audio)
+        return self.embed_tensors(modality, x).cpu()
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Writes `config.yaml` and `model.safetensors` (sharded when large) into `directory`."""
+        from mmfm.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    # ---- helpers ----
+
+    def _embed_text(self, texts: list[str]) -> Tensor:
+        ids, mask = self.tokenizer(texts, self.config.text.max_length)
+        return self.embed_tensors("text", ids.to(self.device), mask.to(self.device))
+
+    def _process(self, **inputs: Sequence[Any] | None) -> dict[str, Tensor]:
+        media = {}
+        for name, items in inputs.items():
+            if items is None:
+                continue
+            modality = "image" if name == "images" else name
+            self._require_modality(modality)
+            media[modality] = self.processors[modality](items).to(self.device, self.dtype)
+        sizes = {m: x.shape[0] for m, x in media.items()}
+        if len(set(sizes.values())) > 1:
+            raise InputError(f"every modality needs the same number of items, got {sizes}")
+        return media
+
+    def _one_modality(self, **inputs: Sequence[Any] | None) -> tuple[str, Tensor]:
+        media = self._process(**inputs)
+        if len(media) != 1:
+            raise InputError(f"pass exactly one of {', '.join(f'{k}=' for k in inputs)}; got {len(media)}")
+        return next(iter(media.items()))
+
+    def _require_modality(self, modality: str) -> None:
+        if modality not in MODALITIES:
+            raise InputError(f"unknown modality '{modality}' (known: {', '.join(MODALITIES)})")
+        if modality not in self.encoders:
+            raise InputError(
+                f"this model has no '{modality}' encoder (it has: {', '.join(self.encoders)}); "
+                f"set config.{modality} to add one"
+            )
+
+    def _head(self, name: str) -> nn.Module:
+        if name not in self.heads:
+            raise InputError(
+                f"this model has no '{name}' head (it has: {', '.join(self.heads) or 'none'}); "
+                f"set config.{name} to add one"
+            )
+        return self.heads[name]
+
+
+def _batch_size(media: dict[str, Tensor], prompt: str | Sequence[str] | None) -> int:
+    if media:
+        return next(iter(media.values())).shape[0]
+    if prompt is None:
+        raise InputError("caption needs images=, audio= or a prompt")
+    return 1 if isinstance(prompt, str) else len(prompt)
+
+
+def _count_new(module: nn.Module, seen: set[int]) -> int:
+    total = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
