@@ -1,0 +1,5 @@
+"""`python -m mmfm ...` runs the `mmfm` command line."""
+
+from mmfm.cli import main
+
+raise SystemExit(main())
