@@ -7,6 +7,7 @@ is its own business, which is what lets tests check cached against uncached deco
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,14 +68,28 @@ class GenerationConfig:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def generate(state: DecoderState, config: GenerationConfig, eos_id: int) -> list[list[int]]:
-    """Generates token ids for every row of `state`; each list stops before EOS."""
+def generate(
+    state: DecoderState, config: GenerationConfig, eos_id: int, suppress_ids: Sequence[int] = ()
+) -> list[list[int]]:
+    """Generates token ids for every row of `state`; each list stops before EOS.
+
+    Args:
+        state: the decoder, primed with the prompt.
+        config: how tokens are chosen.
+        eos_id: the token that ends a row (not returned).
+        suppress_ids: tokens never generated, such as BOS and padding.
+    """
+    suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=state.logits.device)
     if config.num_beams > 1:
-        return _beam_search(state, config, eos_id)
-    return _greedy_or_sample(state, config, eos_id)
+        return _beam_search(state, config, eos_id, suppress)
+    return _greedy_or_sample(state, config, eos_id, suppress)
 
 
-def _greedy_or_sample(state: DecoderState, config: GenerationConfig, eos_id: int) -> list[list[int]]:
+def _next_logits(state: DecoderState, suppress: Tensor) -> Tensor:
+    return state.logits.float().index_fill(-1, suppress, float("-inf")) if len(suppress) else state.logits.float()
+
+
+def _greedy_or_sample(state: DecoderState, config: GenerationConfig, eos_id: int, suppress: Tensor) -> list[list[int]]:
     batch, device = state.logits.shape[0], state.logits.device
     generator = None
     if config.do_sample:
@@ -86,11 +101,12 @@ def _greedy_or_sample(state: DecoderState, config: GenerationConfig, eos_id: int
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = []
     for step in range(config.max_new_tokens):
+        logits = _next_logits(state, suppress)
         if config.do_sample:
-            probs = filter_logits(state.logits.float() / config.temperature, config.top_k, config.top_p).softmax(-1)
+            probs = filter_logits(logits / config.temperature, config.top_k, config.top_p).softmax(-1)
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
-            tokens = state.logits.argmax(dim=-1)
+            tokens = logits.argmax(dim=-1)
         tokens = tokens.masked_fill(finished, eos_id)  # (B,)
         steps.append(tokens)
         finished |= tokens == eos_id
@@ -115,7 +131,7 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def _beam_search(state: DecoderState, config: GenerationConfig, eos_id: int) -> list[list[int]]:
+def _beam_search(state: DecoderState, config: GenerationConfig, eos_id: int, suppress: Tensor) -> list[list[int]]:
     batch, vocab = state.logits.shape
     device, K = state.logits.device, config.num_beams
     state.reorder(torch.arange(batch, device=device).repeat_interleave(K))  # rows: (b0 beams, b1 beams, ...)
@@ -129,7 +145,7 @@ def _beam_search(state: DecoderState, config: GenerationConfig, eos_id: int) -> 
         return score / max(length, 1) ** config.length_penalty
 
     for step in range(config.max_new_tokens):
-        logprobs = state.logits.float().log_softmax(dim=-1).view(batch, K, vocab)
+        logprobs = _next_logits(state, suppress).log_softmax(dim=-1).view(batch, K, vocab)
         candidates = (scores[:, :, None] + logprobs).view(batch, K * vocab)
         top_scores, top_ids = candidates.topk(2 * K, dim=-1)  # (B, 2K): enough to refill K beams past EOS hits
         next_rows, next_tokens, next_scores = [], [], []

@@ -196,7 +196,9 @@ class MultimodalModel(nn.Module):
                 f"backbone.max_seq_len ({self.config.backbone.max_seq_len})"
             )
         state = CachedDecoder(self, seq, config.max_new_tokens) if config.use_cache else RecomputingDecoder(self, seq)
-        return [self.tokenizer.decode(row) for row in generate(state, config, self.tokenizer.eos_id)]
+        tok = self.tokenizer
+        never = [tok.bos_id] if tok.pad_is_token else [tok.bos_id, tok.pad_id]  # CLIP's pad id is also "!"
+        return [tok.decode(row) for row in generate(state, config, tok.eos_id, never)]
 
     @torch.no_grad()
     def classify(

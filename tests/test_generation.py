@@ -144,3 +144,14 @@ def test_bad_generation_settings_are_input_errors(kwargs):
 def test_prompt_longer_than_the_context_is_refused(model):
     with pytest.raises(InputError, match="max_seq_len"):
         model.caption(prompt="hi", max_new_tokens=model.config.backbone.max_seq_len)
+
+
+def test_suppressed_tokens_are_never_generated():
+    v = 4
+    table = torch.zeros(v, v)
+    table[:, 1], table[:, 2] = 5.0, 1.0  # token 1 (say BOS) is always the most likely, then 2
+    first = torch.tensor([0.0, 5.0, 1.0, 0.0])
+    for num_beams in (1, 2):
+        out = generate(_MarkovState(table, first), GenerationConfig(max_new_tokens=4, num_beams=num_beams), 0, [1])
+        assert out[0] and 1 not in out[0]
+    assert generate(_MarkovState(table, first), GenerationConfig(max_new_tokens=4), 0, [1]) == [[2, 2, 2, 2]]
