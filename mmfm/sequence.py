@@ -28,7 +28,7 @@ class Segment:
 
 @dataclass
 class TokenSequence:
-    """A batch of token sequences in the shared space.
+    """A batch of token sequences in the shared space; `modality_ids` derives from the segments.
 
     Attributes:
         embeds: (B, L, D) token embeddings.
@@ -64,6 +64,14 @@ class TokenSequence:
     def is_plain_causal(self) -> bool:
         """True when plain causal attention is exact: no media segment and no padding."""
         return all(s.modality == "text" for s in self.segments) and bool(self.mask.all())
+
+    @property
+    def modality_ids(self) -> Tensor:
+        """(L,) index into `MODALITIES` of every position's modality (the same for every row)."""
+        ids = torch.empty(self.mask.shape[1], dtype=torch.long, device=self.mask.device)
+        for s in self.segments:
+            ids[s.start : s.end] = MODALITIES.index(s.modality)
+        return ids
 
     def segment(self, modality: str) -> Segment:
         """The first segment of `modality`."""

@@ -121,3 +121,17 @@ def test_unknown_modality_and_overlong_sequences_are_clear_errors(model):
     ids = torch.randint(3, 200, (1, model.config.backbone.max_seq_len + 1))
     with pytest.raises(ValueError, match="max_seq_len"):
         model.hidden(model.sequence(ids=ids))
+
+
+def test_segments_in_any_order_carry_their_modality_ids(model):
+    text = model.encoders["text"](torch.randint(3, 200, (1, 3)))
+    audio = model.media_tokens("audio", torch.randn(1, 64, 32, dtype=torch.float64))
+    image = model.media_tokens("image", torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    seq = TokenSequence.concat([("audio", audio, None), ("text", text, None), ("image", image, None)])
+    assert [(s.modality, s.start, s.end) for s in seq.segments] == [("audio", 0, 4), ("text", 4, 7), ("image", 7, 23)]
+    assert seq.modality_ids.tolist() == [1] * 4 + [2] * 3 + [0] * 16
+    allowed = seq.attention_mask()[0, 0]
+    assert allowed[7:, 7:].all() and allowed[:4, :4].all()  # media blocks read both ways
+    assert not allowed[4, 5] and allowed[5, 4]  # text causal
+    assert not allowed[:7, 7:].any()  # nothing earlier sees the later image
+    assert torch.isfinite(model.hidden(seq)).all()
