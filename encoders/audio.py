@@ -7,21 +7,15 @@ stride below its patch size, so timm's own blocks, position embedding and checkp
 
 from __future__ import annotations
 
-import difflib
 from functools import partial
 from typing import Any
 
-import timm
 from timm.layers import PatchEmbed, to_2tuple
-from timm.models import get_arch_name, is_model_in_modules
 from torch import Tensor, nn
 
 from mmfm.config import AudioEncoderConfig
-from mmfm.errors import ConfigError, InputError
-
-# timm modules whose models are plain `VisionTransformer`s; DeiT's distilled variants are a subclass whose fixed
-# class + distillation token layout does not take register tokens, so they are refused.
-VIT_MODULES = ("vision_transformer", "deit")
+from mmfm.encoders.timm_vit import create_vit, num_vit_tokens, vit_tokens
+from mmfm.errors import InputError
 
 
 class StridedPatchEmbed(PatchEmbed):
@@ -84,38 +78,28 @@ class AudioEncoder(nn.Module):
         num_tokens: tokens per clip that `forward` returns (patches, plus prefix tokens when kept).
 
     Raises:
-        ConfigError: `config.model_name` is not a plain timm ViT.
+        ConfigError: `config.model_name` is not a timm ViT-family model (a distilled DeiT's class + distillation
+            tokens are AST's own layout).
     """
 
     def __init__(self, config: AudioEncoderConfig) -> None:
         super().__init__()
-        name = config.model_name
-        if not is_model_in_modules(name, VIT_MODULES) or "distilled" in get_arch_name(name):
-            known = timm.list_models(module=list(VIT_MODULES), exclude_filters=["*distilled*"])
-            close = difflib.get_close_matches(get_arch_name(name), known, n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ConfigError(
-                f"audio.model_name: {name!r} is not a timm ViT from the vision_transformer or deit modules "
-                f"(distilled DeiTs excluded; AST's distillation token is a register token, reg_tokens=1){hint}"
-            )
-        overrides = {"embed_dim": config.width, "depth": config.depth, "num_heads": config.num_heads}
         self.config = config
-        self.vit = timm.create_model(
-            name,
-            pretrained=False,
-            num_classes=0,
-            global_pool="",
+        self.vit = create_vit(
+            "audio",
+            config.model_name,
             in_chans=1,
             img_size=(config.num_mel_bins, config.target_frames),
             patch_size=config.patch_size,
             class_token=config.class_token,
             reg_tokens=config.reg_tokens,
             embed_layer=partial(StridedPatchEmbed, stride=config.patch_stride),
-            **{key: value for key, value in overrides.items() if value is not None},
+            embed_dim=config.width,
+            depth=config.depth,
+            num_heads=config.num_heads,
         )
         self.width = self.vit.embed_dim
-        num_prefix = self.vit.num_prefix_tokens if config.keep_prefix_tokens else 0
-        self.num_tokens = self.vit.patch_embed.num_patches + num_prefix
+        self.num_tokens = num_vit_tokens(self.vit, config.keep_prefix_tokens)
 
     def forward(self, fbank: Tensor) -> Tensor:
         """Encodes a batch of spectrograms.
@@ -137,7 +121,4 @@ class AudioEncoder(nn.Module):
                 f"got {tuple(fbank.shape)}"
             )
         x = fbank.transpose(1, 2).unsqueeze(1)  # (B, frames, mel) -> (B, 1, mel, frames), as AST
-        x = self.vit.forward_features(x)  # (B, prefix + patches, width)
-        if not self.config.keep_prefix_tokens:
-            x = x[:, self.vit.num_prefix_tokens :]  # (B, patches, width)
-        return x
+        return vit_tokens(self.vit, x, self.config.keep_prefix_tokens)

@@ -9,22 +9,16 @@ tokens = encoder(processor(["cat.jpg"]))  # (1, 196, 768)
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
-import timm
-import torch
 from timm.data import resolve_data_config
 from timm.data.transforms import str_to_interp_mode
-from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from mmfm.config import ImageEncoderConfig
+from mmfm.encoders.timm_vit import create_vit, num_vit_tokens, vit_tokens
 from mmfm.errors import ConfigError, InputError
-
-# timm modules whose models are VisionTransformer or a subclass; used to suggest names for a typo.
-_VIT_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid")
 
 
 class ImageEncoder(nn.Module):
@@ -53,42 +47,20 @@ class ImageEncoder(nn.Module):
         """
         super().__init__()
         self.config = config
-        global_pool = ""
-        if issubclass(_vit_class(config.model_name), VisionTransformerDistilled):
-            # DeiT's distilled ViT builds only with token pooling, which never runs without a head, and its
-            # forward has no place for register tokens.
-            if config.reg_tokens:
-                raise ConfigError(
-                    f"image.reg_tokens: {config.model_name!r} takes no register tokens (its prefix tokens are the "
-                    f"class and distillation tokens), got {config.reg_tokens}"
-                )
-            global_pool = "token"
-        # timm drops keyword arguments that are None, keeping the model's own value for those.
-        overrides = {
-            "img_size": config.img_size,
-            "patch_size": config.patch_size,
-            "embed_dim": config.width,
-            "depth": config.depth,
-            "num_heads": config.num_heads,
-        }
-        try:
-            self.vit: VisionTransformer = timm.create_model(
-                config.model_name,
-                pretrained=False,
-                num_classes=0,
-                global_pool=global_pool,
-                in_chans=config.in_chans,
-                class_token=config.class_token,
-                reg_tokens=config.reg_tokens,
-                **overrides,
-            )
-        except (AssertionError, TypeError, ValueError, RuntimeError) as e:
-            fields = ("img_size", "patch_size", "width", "depth", "num_heads", "in_chans", "class_token", "reg_tokens")
-            settings = ", ".join(f"image.{f}={getattr(config, f)!r}" for f in fields if getattr(config, f) is not None)
-            raise ConfigError(f"image: timm cannot build {config.model_name!r} with {settings}: {e}") from e
+        self.vit: VisionTransformer = create_vit(
+            "image",
+            config.model_name,
+            in_chans=config.in_chans,
+            class_token=config.class_token,
+            reg_tokens=config.reg_tokens,
+            img_size=config.img_size,
+            patch_size=config.patch_size,
+            embed_dim=config.width,
+            depth=config.depth,
+            num_heads=config.num_heads,
+        )
         self.width: int = self.vit.embed_dim
-        kept_prefix = self.vit.num_prefix_tokens if config.keep_prefix_tokens else 0
-        self.num_tokens: int = kept_prefix + self.vit.patch_embed.num_patches
+        self.num_tokens: int = num_vit_tokens(self.vit, config.keep_prefix_tokens)
         self.data_config: dict[str, Any] = _data_config(self.vit, config)
 
     def forward(self, pixels: Tensor) -> Tensor:
@@ -105,10 +77,7 @@ class ImageEncoder(nn.Module):
             InputError: `pixels` does not have the shape the model takes.
         """
         self._check_shape(pixels)
-        x = self.vit.forward_features(pixels)  # (B, num_prefix_tokens + num_patches, width)
-        if not self.config.keep_prefix_tokens:
-            x = x[:, self.vit.num_prefix_tokens :]  # (B, num_patches, width)
-        return x
+        return vit_tokens(self.vit, pixels, self.config.keep_prefix_tokens)
 
     def _check_shape(self, pixels: Tensor) -> None:
         embed = self.vit.patch_embed
@@ -126,26 +95,6 @@ class ImageEncoder(nn.Module):
             fits = len(shape) == 4 and shape[2] % step_h == 0 and shape[3] % step_w == 0
         if len(shape) != 4 or shape[1] != channels or not fits:
             raise InputError(f"image encoder expects pixels of shape {expected}, got {shape}")
-
-
-def _vit_class(model_name: str) -> type[VisionTransformer]:
-    """The class of timm model `model_name`; ConfigError unless it is VisionTransformer or a subclass."""
-    if not timm.is_model(model_name):
-        close = difflib.get_close_matches(model_name, timm.list_models(module=_VIT_MODULES), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(f"image.model_name: {model_name!r} is not a timm model{hint}")
-    # Building on the meta device allocates nothing, so the class can be checked before the real build.
-    try:
-        with torch.device("meta"):
-            probe = timm.create_model(model_name, pretrained=False)
-    except RuntimeError as e:
-        raise ConfigError(f"image.model_name: timm cannot build {model_name!r}: {e}") from e
-    if not isinstance(probe, VisionTransformer):
-        raise ConfigError(
-            f"image.model_name: {model_name!r} is a timm {type(probe).__name__}, not a ViT-family model "
-            "(timm's VisionTransformer or a subclass, e.g. 'vit_base_patch16_224' or 'deit_small_patch16_224')"
-        )
-    return type(probe)
 
 
 def _data_config(vit: VisionTransformer, config: ImageEncoderConfig) -> dict[str, Any]:

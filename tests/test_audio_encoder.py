@@ -106,7 +106,13 @@ def test_prefix_tokens_kept_or_dropped():
     assert AudioEncoder(tiny(class_token=False, keep_prefix_tokens=True)).num_tokens == 8
 
 
-@pytest.mark.parametrize("name", ["resnet18", "not_a_model", "deit_tiny_distilled_patch16_224"])
+def test_distilled_deit_gives_ast_class_and_distillation_tokens():
+    encoder = AudioEncoder(tiny(model_name="deit_tiny_distilled_patch16_224", keep_prefix_tokens=True))
+    assert encoder.vit.num_prefix_tokens == 2 and encoder.num_tokens == 8 + 2
+    assert encoder(torch.randn(1, 64, 32)).shape == (1, 10, 32)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "not_a_model"])
 def test_non_vit_model_names_are_config_errors(name):
     with pytest.raises(ConfigError, match=rf"audio\.model_name: '{name}'"):
         AudioEncoder(tiny(model_name=name))
