@@ -7,7 +7,7 @@ from typing import Any
 
 from mmfm.checkpoint import load_pretrained
 from mmfm.config import ModelConfig
-from mmfm.errors import CheckpointError
+from mmfm.errors import CheckpointError, ConfigError
 from mmfm.model import MultimodalModel
 from mmfm.registry import get_preset
 
@@ -25,9 +25,14 @@ def create_model(name_or_path: str | Path, **overrides: Any) -> MultimodalModel:
         config = ModelConfig.from_file(path)
     else:
         config = get_preset(str(name_or_path))
+    source = str(name_or_path)
     if overrides:
-        config = config.with_overrides(overrides, source=f"overrides of {name_or_path}")
-    return MultimodalModel(config)
+        source = f"{name_or_path} with overrides {overrides}"
+        config = config.with_overrides(overrides, source=source)
+    try:
+        return MultimodalModel(config)
+    except ConfigError as e:  # an encoder refused its settings: say which config they came from
+        raise ConfigError(f"{source}: {e}") from e
 
 
 def load(path: str | Path, strict: bool = True) -> MultimodalModel:

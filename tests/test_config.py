@@ -86,3 +86,10 @@ def test_every_shipped_yaml_builds_a_model(path):
     model = mmfm.create_model(path)
     config = ModelConfig.from_file(path)
     assert set(model.encoders) == set(config.modalities)
+
+
+def test_settings_an_encoder_refuses_name_the_file_and_the_key(tmp_path):
+    path = tmp_path / "odd.yaml"
+    path.write_text("preset: mmfm-test\nimage:\n  model_name: resnet18\n")
+    with pytest.raises(ConfigError, match=r"odd.yaml: image.model_name: 'resnet18' is not a timm ViT-family model"):
+        mmfm.create_model(path)
