@@ -54,10 +54,6 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L) positions -> cos, sin of shape (B, 1, L, head_dim / 2)."""
-        if positions.max() >= self.cos.shape[0]:
-            raise ValueError(
-                f"sequence position {int(positions.max())} exceeds backbone.max_seq_len ({self.cos.shape[0]})"
-            )
         return self.cos[positions][:, None], self.sin[positions][:, None]
 
 
@@ -172,6 +168,9 @@ class Backbone(nn.Module):
         Returns:
             (B, L, dim) hidden states.
         """
+        length = x.shape[1] + (cache.length if cache is not None else 0)
+        if length > self.config.max_seq_len:  # checked on shapes: no device sync per decoding step
+            raise ValueError(f"sequence of {length} tokens exceeds backbone.max_seq_len ({self.config.max_seq_len})")
         rope = self.rope(positions)
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and cache is None:

@@ -36,7 +36,7 @@ class CachedDecoder:
         self.logits = model.heads["caption"](hidden[:, -1])  # (B, V)
 
     def advance(self, tokens: Tensor) -> None:
-        x = self.model.encoders["text"](tokens[:, None])  # (B, 1, D)
+        x = self.model.encoders["text"].embed(tokens[:, None])  # (B, 1, D); generated ids need no range check
         mask = self.key_mask[:, None, None, : self.cache.length + 1] if self.has_padding else None
         hidden = self.model.backbone(x, self.next_pos, mask, self.cache)
         self.next_pos = self.next_pos + 1
@@ -56,7 +56,7 @@ class RecomputingDecoder:
 
     def advance(self, tokens: Tensor) -> None:
         seq = self.seq
-        x = self.model.encoders["text"](tokens[:, None])  # (B, 1, D)
+        x = self.model.encoders["text"].embed(tokens[:, None])  # (B, 1, D); generated ids need no range check
         last = seq.segments[-1]
         self.seq = TokenSequence(
             torch.cat([seq.embeds, x], dim=1),
