@@ -1,0 +1,52 @@
+"""Runs every benchmark and prints one summary line per headline ratio against its target.
+
+    python -m benchmarks.run_all           # the full run (a few minutes on 2 cores)
+    python -m benchmarks.run_all --quick   # tiny sizes and few rounds: a smoke run of under a minute
+
+Every ratio reads as mmfm's speed relative to the other side (above 1: mmfm is faster), the median over
+rounds with the min and max of the per-round ratios. Targets are reported as PASS or MISS, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from benchmarks import bench_decoding, bench_image_encoder, bench_train_step
+from benchmarks.harness import Result, table
+
+BENCHMARKS = (bench_image_encoder, bench_decoding, bench_train_step)
+
+
+def summary(results: list[Result]) -> str:
+    """One row per result: the ratio's median, min and max, its target and PASS or MISS."""
+    rows = [
+        [
+            r.name,
+            r.meaning,
+            f"{r.ratio.median:.2f}x",
+            f"{r.ratio.min:.2f}",
+            f"{r.ratio.max:.2f}",
+            f">= {r.target:g}x",
+            "PASS" if r.met else "MISS",
+        ]
+        for r in results
+    ]
+    return table(["benchmark", "ratio", "median", "min", "max", "target", "status"], rows)
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds, for a smoke run")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    results = []
+    for bench in BENCHMARKS:
+        results += bench.main(quick=args.quick)
+    print(f"\nsummary ({'quick' if args.quick else 'full'} run, {time.perf_counter() - start:.0f} s)")
+    print(summary(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

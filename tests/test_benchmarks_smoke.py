@@ -1,0 +1,36 @@
+"""The benchmark suite runs end to end: `python -m benchmarks.run_all --quick` exits 0 and reports every ratio.
+
+Speed itself is never asserted (see DESIGN.md); this only keeps the benchmarks from rotting as the API moves.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers", reason="the benchmarks race Hugging Face GPT-2 (the 'bench' extra)")
+
+REPO = Path(__file__).resolve().parents[1]
+RATIOS = (
+    "image_encoder",
+    "decode_cache_b1",
+    "decode_vs_hf_b1",
+    "decode_cache_b8",
+    "decode_vs_hf_b8",
+    "train_step_vs_hf",
+)
+
+
+def test_quick_run_reports_every_ratio():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run_all", "--quick"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = proc.stdout.split("\nsummary (quick run")[-1]
+    for name in RATIOS:
+        # e.g. "decode_vs_hf_b8   t_hf / t_mmfm   2.15x   1.87  2.43  >= 1x   PASS"
+        line = rf"^{name}\s+.+?\s+\d+\.\d\dx\s+\d+\.\d\d\s+\d+\.\d\d\s+>= [\d.]+x\s+(PASS|MISS)$"
+        assert re.search(line, summary, re.MULTILINE), f"no ratio line for {name} in:\n{proc.stdout[-3000:]}"
+    assert "peak" in proc.stdout and "MiB" in proc.stdout  # the train step's peak RSS of both sides
