@@ -64,8 +64,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
         }
         _atomic_write(directory / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
     _atomic_write(directory / CONFIG_NAME, model.config.save)
-    for stale in (*directory.glob("model*.safetensors"), directory / INDEX_NAME):
-        if stale.exists() and stale.name not in names and not (len(shards) > 1 and stale.name == INDEX_NAME):
+    written = set(names) | ({INDEX_NAME} if len(shards) > 1 else set())
+    for stale in (*directory.glob("model*.safetensors"), directory / INDEX_NAME):  # left by an earlier save
+        if stale.exists() and stale.name not in written:
             stale.unlink()
 
 
