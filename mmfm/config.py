@@ -265,7 +265,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> ModelConfig:
         """Builds and validates a config; errors name `source` (a file path, say) and the offending key."""
-        config = _build(cls, data, source, prefix="")
+        config = build_dataclass(cls, data, source, prefix="")
         validate(config, source)
         return config
 
@@ -373,7 +373,8 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+def build_dataclass(cls: type, data: Any, source: str, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a mapping, coercing YAML types; unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -398,7 +399,7 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, source, key)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, key + ".")
+        return build_dataclass(hint, value, source, key + ".")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
