@@ -1,0 +1,266 @@
+"""Map-style datasets over files on disk: JSONL manifests, and class-per-folder image trees.
+
+A manifest has one example per line, a JSON object with any of these keys:
+
+```
+{"image": "imgs/7.png", "audio": "clips/7.wav", "caption": ["a seven", "the digit 7"], "label": "7"}
+{"text": "a line of text for a text-only language-model objective"}
+```
+
+- `image`, `audio`: a path, relative to the manifest's directory (absolute paths are kept as they are).
+- `text`: a str, trained as plain language modelling.
+- `caption`: a str, or a non-empty list of reference captions (one is picked per sample, see `__getitem__`).
+- `label`: a class name; an int is accepted and becomes its str (`7` -> `"7"`).
+- `id`: an optional str or int, passed through.
+
+Every line is checked when the dataset is built, so a bad line fails (or is skipped) before training starts
+rather than hours into it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from mmfm.errors import InputError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+MANIFEST_KEYS = ("image", "audio", "text", "caption", "label", "id")
+
+# How many skipped lines the warning of on_error="skip" lists before "and N more".
+_SKIPS_LISTED = 5
+
+Key = int | tuple[int, int]
+
+
+class ManifestDataset(Dataset):
+    """The examples of a JSONL manifest, validated up front.
+
+    Args:
+        path: the manifest file; relative media paths in it are resolved against its directory.
+        on_error: "raise" stops at the first bad line with an `InputError` naming `file:line`; "skip" drops bad
+            lines, warns once with their count and the first few, and records them in `skipped`.
+
+    Attributes:
+        path: the manifest path as given.
+        skipped: (line number, reason) of every dropped line, in file order; empty with on_error="raise".
+
+    Raises:
+        InputError: the manifest is missing or unreadable, a line is bad (with on_error="raise"), or no line
+            holds a usable example.
+    """
+
+    def __init__(self, path: str | Path, on_error: str = "raise") -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.path = Path(path)
+        self.skipped: list[tuple[int, str]] = []
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise InputError(f"{self.path}: manifest not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{self.path}: cannot read the manifest ({e})") from None
+        root = self.path.parent
+        self._records: list[dict[str, Any]] = []
+        for line_no, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                self._records.append(parse_record(line, root))
+            except InputError as e:
+                if on_error == "raise":
+                    raise InputError(f"{self.path}:{line_no}: {e}") from None
+                self.skipped.append((line_no, str(e)))
+        if self.skipped:
+            warnings.warn(f"{self.path}: {_describe_skips(self.skipped)}", stacklevel=2)
+        if not self._records:
+            why = f"; all {len(self.skipped)} lines were skipped" if self.skipped else " (it is empty)"
+            raise InputError(f"{self.path}: the manifest has no usable examples{why}")
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, key: Key) -> dict[str, Any]:
+        """One example as a dict.
+
+        Args:
+            key: an index, or an `(index, draw)` pair as `EpochSampler` yields: an example with several reference
+                captions trains on `captions[draw % len(captions)]` (the first one for a plain index).
+
+        Returns:
+            `index`, plus whichever of these the example has: `image` and `audio` (absolute path str), `text`,
+            `caption` (the chosen str), `captions` (all references), `label` (str), `id`.
+        """
+        index, draw = _split_key(key, len(self))
+        return make_item(index, self._records[index], draw)
+
+    def labels(self) -> list[str]:
+        """The distinct labels of all examples, sorted."""
+        return sorted({r["label"] for r in self._records if "label" in r})
+
+
+class ImageFolderDataset(Dataset):
+    """Images sorted into one folder per class: `root/<class>/**/<image file>`.
+
+    Classes are the folder names that hold at least one image, sorted; files are found recursively and sorted,
+    and only known image extensions count (hidden files and stray text files are ignored).
+
+    Args:
+        root: the directory holding the class folders.
+
+    Attributes:
+        classes: the class names, sorted.
+
+    Raises:
+        InputError: `root` is not a directory or holds no class folder with images in it.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise InputError(f"{self.root}: not a directory (expected root/<class>/<image files>)")
+        self._items: list[tuple[Path, str]] = []
+        classes = []
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            files = sorted(
+                p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            )
+            if files:
+                classes.append(folder.name)
+                self._items.extend((p.resolve(), folder.name) for p in files)
+        if not self._items:
+            raise InputError(
+                f"{self.root}: no images found; expected one folder per class holding image files "
+                f"({' '.join(IMAGE_EXTENSIONS)})"
+            )
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, key: Key) -> dict[str, Any]:
+        """One example: `index`, `image` (absolute path str) and `label` (its folder's name).
+
+        Args:
+            key: an index, or an `(index, draw)` pair (the draw is unused: there are no captions).
+        """
+        index, _ = _split_key(key, len(self))
+        path, label = self._items[index]
+        return {"index": index, "image": str(path), "label": label}
+
+    def labels(self) -> list[str]:
+        """The class names, sorted."""
+        return list(self.classes)
+
+
+def parse_record(line: str, root: Path) -> dict[str, Any]:
+    """Validates one manifest line; media paths become absolute and must exist, a caption becomes a list.
+
+    Args:
+        line: the JSON text of the line.
+        root: the directory relative media paths are resolved against.
+
+    Raises:
+        InputError: the problem, without the line number (the caller adds `file:line`).
+    """
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"expected a JSON object, got {_json_type(data)}")
+    unknown = [k for k in data if k not in MANIFEST_KEYS]
+    if unknown:
+        raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(MANIFEST_KEYS)})")
+    record: dict[str, Any] = {}
+    for key in ("image", "audio"):
+        if key in data:
+            value = data[key]
+            if not isinstance(value, str) or not value:
+                raise InputError(f"{key} must be a non-empty path string, got {_json_type(value)}")
+            path = root / value
+            if not path.is_file():
+                raise InputError(f"{key} {value!r} {'is not a file' if path.exists() else 'not found'}")
+            record[key] = str(path.resolve())
+    if "text" in data:
+        record["text"] = _nonempty_str(data["text"], "text")
+    if "caption" in data:
+        caption = data["caption"]
+        if isinstance(caption, list):
+            if not caption:
+                raise InputError("caption is an empty list; give at least one reference caption")
+            record["caption"] = [_nonempty_str(c, f"caption[{i}]") for i, c in enumerate(caption)]
+        else:
+            record["caption"] = [_nonempty_str(caption, "caption", "a string or a list of strings")]
+    if "label" in data:
+        label = data["label"]
+        if isinstance(label, int) and not isinstance(label, bool):
+            label = str(label)
+        record["label"] = _nonempty_str(label, "label", "a string or an int")
+    if "id" in data:
+        if isinstance(data["id"], bool) or not isinstance(data["id"], (str, int)):
+            raise InputError(f"id must be a string or an int, got {_json_type(data['id'])}")
+        record["id"] = data["id"]
+    if not any(k in record for k in ("image", "audio", "text", "caption")):
+        raise InputError("the example has no image, audio, text or caption")
+    return record
+
+
+def make_item(index: int, record: dict[str, Any], draw: int | None) -> dict[str, Any]:
+    """The item dict of a validated record: picks the caption `draw` selects (the first one when None)."""
+    item: dict[str, Any] = {"index": index}
+    for key in ("image", "audio", "text", "label", "id"):
+        if key in record:
+            item[key] = record[key]
+    if "caption" in record:
+        captions = record["caption"]
+        item["caption"] = captions[0 if draw is None else draw % len(captions)]
+        item["captions"] = list(captions)
+    return item
+
+
+def _split_key(key: Key, size: int) -> tuple[int, int | None]:
+    """(index, draw) of a dataset key; the index may be negative, as for a list."""
+    if isinstance(key, tuple):
+        if len(key) != 2:
+            raise TypeError(f"a dataset key is an index or an (index, draw) pair, got a tuple of {len(key)}")
+        index, draw = key
+    else:
+        index, draw = key, None
+    index = int(index)
+    if not -size <= index < size:
+        raise IndexError(f"index {index} is out of range for a dataset of {size} examples")
+    return index % size, None if draw is None else int(draw)
+
+
+def _nonempty_str(value: Any, name: str, expected: str = "a string") -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{name} must be {expected}, got {_json_type(value)}")
+    if not value:
+        raise InputError(f"{name} is an empty string")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    """A value's type in JSON's words, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return "an empty string" if not value else "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _describe_skips(skipped: list[tuple[int, str]]) -> str:
+    listed = "; ".join(f"line {line}: {reason}" for line, reason in skipped[:_SKIPS_LISTED])
+    more = f"; and {len(skipped) - _SKIPS_LISTED} more" if len(skipped) > _SKIPS_LISTED else ""
+    return f"skipped {len(skipped)} bad line{'s' if len(skipped) != 1 else ''}: {listed}{more}"
