@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,17 +20,20 @@ from mmfm.errors import CheckpointError, ConfigError
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+VOCAB_NAME = "vocab.txt"  # a "wordpiece" tokenizer's vocabulary, written beside the weights
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The state dict with tied tensors kept once, under the first key that holds them."""
     out, seen = {}, set()
-    for key, tensor in model.state_dict().items():
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        # meta tensors have no storage to compare, so a tie there is the same Parameter object
+        ident = id(tensor) if tensor.is_meta else (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        ident = (ident, tuple(tensor.shape))
         if ident not in seen:
             seen.add(ident)
-            out[key] = tensor
+            out[key] = tensor.detach()
     return out
 
 
@@ -37,6 +43,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
     Weights larger than `max_shard_bytes` are split into `model-0000i-of-0000n.safetensors` files with a
     `model.safetensors.index.json` weight map (the Hugging Face layout). Every file is written under a
     temporary name and renamed into place, so an interrupted save never leaves a half-written file behind.
+    A "wordpiece" tokenizer's vocabulary is written as `vocab.txt`, and the saved config's `text.vocab` says
+    `vocab.txt`, which `ModelConfig.from_file` resolves against the directory: the checkpoint is self-contained.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -63,9 +71,15 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
             "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
         }
         _atomic_write(directory / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
-    _atomic_write(directory / CONFIG_NAME, model.config.save)
+    config = model.config
     written = set(names) | ({INDEX_NAME} if len(shards) > 1 else set())
-    for stale in (*directory.glob("model*.safetensors"), directory / INDEX_NAME):  # left by an earlier save
+    if config.text.vocab is not None:  # the vocabulary travels with the weights; the saved config points at it
+        _atomic_write(directory / VOCAB_NAME, model.tokenizer.save_vocabulary)
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, vocab=VOCAB_NAME))
+        written.add(VOCAB_NAME)
+    _atomic_write(directory / CONFIG_NAME, config.save)
+    left_by_earlier_saves = (*directory.glob("model*.safetensors"), directory / INDEX_NAME, directory / VOCAB_NAME)
+    for stale in left_by_earlier_saves:
         if stale.exists() and stale.name not in written:
             stale.unlink()
 
@@ -88,15 +102,28 @@ def read_weights(directory: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, state: dict[str, Tensor], source: str, strict: bool = True) -> list[str]:
+def load_weights(
+    model: nn.Module,
+    state: dict[str, Tensor],
+    source: str,
+    strict: bool = True,
+    required: tuple[str, ...] | None = None,
+) -> list[str]:
     """Copies `state` into `model`, checking every key first.
 
     Missing, unexpected and mis-shaped keys are reported together in one `CheckpointError`. With
     `strict=False`, missing and unexpected keys are allowed (mis-shaped ones never are) and returned
-    as warnings.
+    as warnings. `required` narrows what strict mode calls missing to keys under these prefixes
+    (e.g. `("encoders.audio.",)` for weights of one tower); other missing keys are returned as warnings.
+
+    A model whose parameters are on the meta device (as `load_pretrained` builds it) takes the checkpoint's
+    tensors themselves (`load_state_dict(assign=True)`, cast to the model's dtype where they differ): nothing
+    is copied, memory-mapped weights stay mapped, and tied parameters are re-tied to the loaded tensor. Such
+    a model must get every parameter from `state`, since a meta parameter has no values to keep.
     """
     expected = {k: tuple(v.shape) for k, v in unique_state_dict(model).items()}
     missing = sorted(set(expected) - set(state))
+    must_have = [k for k in missing if required is None or k.startswith(required)]
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
@@ -106,8 +133,8 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str, strict
     problems = []
     if misshaped:
         problems.append(f"mis-shaped keys ({len(misshaped)}): " + "; ".join(misshaped))
-    if strict and missing:
-        problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
+    if strict and must_have:
+        problems.append(f"missing keys ({len(must_have)}): " + ", ".join(must_have))
     if strict and unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
     if problems:
@@ -115,15 +142,62 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str, strict
             f"{source}: the weights do not fit this model (a checkpoint of another architecture or config?)\n  "
             + "\n  ".join(problems)
         )
-    with torch.no_grad():
-        model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    state = {k: v for k, v in state.items() if k in expected}
+    if any(p.is_meta for p in model.parameters()):
+        _assign(model, state, source)
+    else:
+        with torch.no_grad():
+            model.load_state_dict(state, strict=False)
     return [f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in unexpected]
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Builds modules with every parameter on the meta device and every buffer real.
+
+    Parameters cost nothing to allocate or initialise there, while buffers computed in `__init__` (RoPE
+    tables, non-persistent ones that no checkpoint holds) keep their values. Works by wrapping
+    `nn.Module.register_parameter` for the duration, so build only the model inside, from one thread.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:  # a tie re-registers an already meta Parameter: keep it
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _assign(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Loads `state` into a meta-parameter model by taking its tensors, then re-ties every tied parameter."""
+    current = model.state_dict(keep_vars=True)
+    state = {k: v if v.dtype == current[k].dtype else v.to(current[k].dtype) for k, v in state.items()}
+    owners: dict[int, list[str]] = {}  # id(parameter) -> every name it is registered under, first name first
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    model.load_state_dict(state, strict=False, assign=True)
+    for first, *others in (names for names in owners.values() if len(names) > 1):
+        loaded = next((model.get_parameter(n) for n in (first, *others) if n in state), None)
+        for name in (first, *others):
+            if loaded is not None and name not in state:
+                module, _, leaf = name.rpartition(".")
+                model.get_submodule(module)._parameters[leaf] = loaded
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise CheckpointError(
+            f"{source}: no weights for {len(left)} parameters of a model built on the meta device "
+            f"({', '.join(left[:10])}{' ...' if len(left) > 10 else ''}); build it on a real device to keep "
+            "their initial values"
+        )
 
 
 def load_pretrained(directory: str | Path, strict: bool = True) -> nn.Module:
     """Builds the model described by `directory/config.yaml` and loads its weights; returns it in eval mode."""
-    from mmfm.model import MultimodalModel
-
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a checkpoint directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
@@ -134,9 +208,37 @@ def load_pretrained(directory: str | Path, strict: bool = True) -> nn.Module:
         config = ModelConfig.from_file(config_path)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    state = read_weights(directory)
-    model = MultimodalModel(config)
-    load_weights(model, state, str(directory), strict=strict)
+    return load_state(config, read_weights(directory), str(directory), strict=strict)
+
+
+def load_state(
+    config: ModelConfig,
+    state: dict[str, Tensor],
+    source: str,
+    strict: bool = True,
+    required: tuple[str, ...] | None = None,
+) -> nn.Module:
+    """Builds the model `config` describes around the weights in `state`; returns it in eval mode.
+
+    The model is built with its parameters on the meta device and takes `state`'s tensors as they are
+    (memory-mapped safetensors stay mapped), so loading neither initialises nor copies the weights. When
+    `state` lacks some weights (allowed by `strict=False` or `required`), the model is built normally instead,
+    so those keep their fresh initialisation.
+
+    Args:
+        config: the model's config.
+        state: weights under `MultimodalModel` keys.
+        source: the file or directory they came from, named in errors.
+        strict: refuse missing or unexpected weights (mis-shaped weights are always refused).
+        required: with strict, only keys under these prefixes count as missing (see `load_weights`).
+    """
+    from mmfm.model import MultimodalModel
+
+    with parameters_on_meta():
+        model = MultimodalModel(config)
+    if set(unique_state_dict(model)) - set(state):
+        model = MultimodalModel(config)
+    load_weights(model, state, source, strict=strict, required=required)
     return model.eval()
 
 
