@@ -12,10 +12,27 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import bench_decoding, bench_image_encoder, bench_train_step
+from benchmarks import (
+    bench_decoding,
+    bench_diffusion_sampling,
+    bench_dpm_vs_ddim,
+    bench_image_encoder,
+    bench_load,
+    bench_train_step,
+    bench_trainer,
+)
 from benchmarks.harness import Result, table
 
-BENCHMARKS = (bench_image_encoder, bench_decoding, bench_train_step)
+# bench_dpm_vs_ddim needs the trained digits demo (runs/demo/final, data/digits) and is skipped without it.
+BENCHMARKS = (
+    bench_image_encoder,
+    bench_decoding,
+    bench_train_step,
+    bench_trainer,
+    bench_load,
+    bench_diffusion_sampling,
+    bench_dpm_vs_ddim,
+)
 
 
 def summary(results: list[Result]) -> str:

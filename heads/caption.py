@@ -23,14 +23,15 @@ class CaptionHead(nn.Module):
         """(B, T, D) states -> (B, T, vocab) next-token logits."""
         return self.lm_head(hidden)
 
-    def loss(self, hidden: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    def loss(self, hidden: Tensor, ids: Tensor, mask: Tensor, reduction: str = "mean") -> Tensor:
         """Teacher-forced cross-entropy: the state at text position t predicts token t + 1.
 
         Args:
             hidden: (B, T, D) backbone states of the text segment.
             ids: (B, T) its token ids, BOS first.
             mask: (B, T) True on real tokens; padded targets are ignored.
+            reduction: "mean" over predicted tokens, or "sum" (the trainer normalises over a global batch).
         """
         logits = self(hidden[:, :-1])  # (B, T-1, V)
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # (B, T-1)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)

@@ -33,8 +33,12 @@ class ClassifyHead(nn.Module):
     def probabilities(self, logits: Tensor) -> Tensor:
         return logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
 
-    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Cross-entropy against (B,) class indices, or BCE against (B, num_classes) multi-hot targets."""
+    def loss(self, logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+        """Cross-entropy against (B,) class indices, or BCE against (B, num_classes) multi-hot targets.
+
+        `reduction` is "mean" or "sum" over items; a multi-label item's loss is its mean over classes.
+        """
         if self.multi_label:
-            return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
-        return F.cross_entropy(logits.float(), targets)
+            per_item = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").mean(-1)
+            return per_item.sum() if reduction == "sum" else per_item.mean()
+        return F.cross_entropy(logits.float(), targets, reduction=reduction)

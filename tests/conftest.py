@@ -4,3 +4,50 @@ import torch
 
 # Test models are tiny: one thread is faster than two, and immune to a busy second core.
 torch.set_num_threads(1)
+
+
+# ---- training fixtures: a tiny digits set and recipes for the `mmfm-test` model ----
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+TRAIN_TASKS = [
+    {"name": "image_caption", "objective": "caption", "inputs": ["image"], "ratio": 2},
+    {"name": "audio_caption", "objective": "caption", "inputs": ["audio"]},
+    {"name": "digit", "objective": "classify", "inputs": ["image"]},
+    {"name": "image_text", "objective": "contrastive", "inputs": ["image", "text"]},
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory) -> Path:
+    """48 digits (images, tones, captions, labels) with train/val manifests."""
+    from mmfm.data import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("data") / "digits", seed=0, limit=48)
+
+
+@pytest.fixture
+def make_recipe(tiny_digits, tmp_path):
+    """make_recipe(name, **fields) -> a recipe file training `mmfm-test` on the tiny digits into tmp_path/name."""
+
+    def make(name: str = "run", **fields) -> Path:
+        recipe = {
+            "model": "mmfm-test",
+            "data": {"train": str(tiny_digits / "train.jsonl"), "val": str(tiny_digits / "val.jsonl")},
+            "tasks": TRAIN_TASKS,
+            "steps": 6,
+            "batch_size": 8,
+            "optim": {"lr": 3e-3, "warmup_steps": 2},
+            "out_dir": str(tmp_path / name),
+            "log_every": 1,
+            "progress": False,
+            **fields,
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return make

@@ -20,6 +20,13 @@ RATIOS = (
     "decode_cache_b8",
     "decode_vs_hf_b8",
     "train_step_vs_hf",
+    "trainer_vs_hand_loop",
+    "loader_vs_trainer",
+    "load_vs_timm",
+    "load_vs_timm_large",
+    "load_vs_open_clip",
+    "load_rss",
+    "image_gen_sampling",
 )
 
 

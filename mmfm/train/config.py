@@ -1,0 +1,272 @@
+"""The training recipe: one dataclass per concern, nested in `TrainConfig`, read from YAML like model configs.
+
+```yaml
+model: mmfm-tiny                  # a preset, a model YAML or a saved directory
+data:
+  train: data/train.jsonl
+  val: data/val.jsonl
+tasks:
+  - {name: image_caption, objective: caption, inputs: [image], ratio: 2}
+  - {name: digit, objective: classify, inputs: [image]}
+  - {name: image_text, objective: contrastive, inputs: [image, text]}
+steps: 1000
+batch_size: 64
+optim: {lr: 1.0e-3, warmup_steps: 100}
+```
+
+`mmfm train CONFIG key=value ...` overrides any field with dotted keys (`optim.lr=3e-4`). Unknown keys are
+errors naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mmfm.config import MODALITIES, ConfigError, build_dataclass, merge, nest_dotted, to_plain
+
+OBJECTIVES = ("caption", "classify", "contrastive", "denoise")
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from.
+
+    Attributes:
+        train: a JSONL manifest.
+        val: a held-out JSONL manifest; None evaluates nothing.
+        on_error: a manifest line with a missing file or a bad field is fatal ("raise") or dropped ("skip");
+            either way it is reported with its line number.
+        num_workers: DataLoader worker processes.
+        cache_media: decode and preprocess every image and clip once, up front, and keep the tensors in memory.
+    """
+
+    train: str = ""
+    val: str | None = None
+    on_error: Literal["raise", "skip"] = "raise"
+    num_workers: int = 0
+    cache_media: bool = True
+
+
+@dataclass
+class TaskConfig:
+    """One training objective over the batch.
+
+    Attributes:
+        name: the task's name in logs and metrics.
+        objective: "caption" (next-token loss of the caption given `inputs`; no inputs is a text-only LM),
+            "classify" (the trained head over `inputs`), "contrastive" (InfoNCE between the two `inputs`) or
+            "denoise" (the diffusion head learns the example's image conditioned on `inputs`).
+        inputs: modalities the objective reads ("image", "audio", "text").
+        weight: multiplies the task's loss.
+        ratio: relative share of optimizer steps spent on this task.
+    """
+
+    name: str = ""
+    objective: Literal["caption", "classify", "contrastive", "denoise"] = "caption"
+    inputs: list[str] = field(default_factory=list)
+    weight: float = 1.0
+    ratio: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay.
+
+    Attributes:
+        lr: peak learning rate.
+        min_lr_ratio: the cosine ends at lr * min_lr_ratio.
+        warmup_steps: linear warmup from 0.
+        weight_decay: decoupled weight decay; never applied to norms, biases, embeddings or tokens.
+        betas: Adam betas.
+        eps: Adam epsilon.
+        grad_clip: clip the global gradient norm to this; 0 disables.
+    """
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters through `peft` on attention and MLP projections.
+
+    Attributes:
+        rank: adapter rank; 0 disables LoRA.
+        alpha: scaling numerator (the update is scaled by alpha / rank).
+        dropout: dropout on the adapter input.
+        encoders: also adapt the image and audio encoders' attention and MLP layers.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    encoders: bool = False
+
+
+@dataclass
+class FinetuneConfig:
+    """Transfer from a saved model.
+
+    The model to start from is `TrainConfig.model`: naming a directory written by `save_pretrained` (or a
+    run's checkpoint) fine-tunes it.
+
+    Attributes:
+        freeze: parameter groups kept fixed, by name prefix: "encoders", "encoders.image", "projectors",
+            "backbone", "heads", "heads.caption", ...
+        lora: adapters on the backbone (and optionally encoders); with rank > 0 the backbone's own weights
+            are frozen and only adapters (plus heads that are not frozen) train.
+    """
+
+    freeze: list[str] = field(default_factory=list)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run.
+
+    Attributes:
+        model: a preset name, a model YAML path, or a saved model directory to
+            fine-tune: its weights are loaded; heads whose shape the overrides change (new labels) start fresh.
+        model_overrides: model config fields to change, nested or dotted ({"backbone.depth": 2}).
+        data: the datasets.
+        tasks: the objectives and how they are mixed.
+        optim: optimizer and schedule.
+        finetune: initialisation, frozen groups and LoRA.
+        steps: optimizer steps.
+        batch_size: examples per optimizer step, over all ranks and accumulation steps.
+        grad_accum: micro-batches per optimizer step.
+        precision: "fp32", or "bf16" autocast (for GPUs).
+        compile: run the model through `torch.compile`.
+        grad_checkpointing: recompute backbone activations in backward.
+        distributed: "ddp" or "fsdp" (FSDP2 `fully_shard`) under torchrun; ignored in a single process.
+        seed: seeds the model init, data order and task sampling.
+        out_dir: the run folder: checkpoints, logs, curves.
+        resume: continue from the run folder's latest checkpoint.
+        eval_every: evaluate every N steps (and at the end); 0 only at the end.
+        eval_max_items: evaluate on at most this many held-out examples; 0 means all.
+        log_every: write a CSV row every N steps.
+        checkpoint_every: save every N steps (and at the end); 0 only at the end.
+        keep_last: checkpoints kept in the run folder.
+        tensorboard: also write TensorBoard events (needs the `tensorboard` package).
+        progress: show a tqdm progress bar.
+    """
+
+    model: str = "mmfm-tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    seed: int = 0
+    out_dir: str = "runs/default"
+    resume: bool = False
+    eval_every: int = 0
+    eval_max_items: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    tensorboard: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Reads a recipe and applies dotted overrides; relative paths in it are relative to the working directory."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: training config not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+        return cls.from_dict(data, str(path), overrides)
+
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, Any], source: str = "<dict>", overrides: dict[str, Any] | None = None
+    ) -> TrainConfig:
+        """Builds and validates a recipe from a mapping; errors name `source` and the offending key."""
+        if overrides:
+            data = merge(data, nest_dotted(overrides, source))
+            source = f"{source} with overrides {overrides}"
+        config = build_dataclass(cls, data, source)
+        validate_train(config, source)
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(dataclasses.asdict(self))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["optim.lr=3e-4", "steps=10"]` -> {"optim.lr": 0.0003, "steps": 10}; values are read as YAML."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{pair}' is not KEY=VALUE (e.g. optim.lr=3e-4)")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def validate_train(config: TrainConfig, source: str) -> None:
+    """Rejects recipes that cannot run, naming the keys involved."""
+
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{source}: {msg}")
+
+    if not config.data.train:
+        fail("data.train must name a training manifest")
+    if not config.tasks:
+        fail("tasks must list at least one objective")
+    names = [t.name for t in config.tasks]
+    if len(set(names)) != len(names) or not all(names):
+        fail(f"tasks need unique, non-empty names, got {names}")
+    for i, task in enumerate(config.tasks):
+        where = f"tasks[{i}] ({task.name})"
+        unknown = [m for m in task.inputs if m not in MODALITIES]
+        if unknown:
+            fail(f"{where}.inputs: unknown modality {unknown} (known: {', '.join(MODALITIES)})")
+        if task.objective == "contrastive" and len(set(task.inputs)) != 2:
+            fail(f"{where}: a contrastive task needs two different inputs, e.g. [image, text]; got {task.inputs}")
+        if task.objective in ("classify", "denoise") and len(task.inputs) != 1:
+            fail(f"{where}: a {task.objective} task reads one input modality, got {task.inputs}")
+        if task.objective == "classify" and task.inputs[0] == "text":
+            fail(f"{where}: classify reads image or audio, not text")
+        if task.objective == "caption" and "text" in task.inputs:
+            fail(f"{where}: a caption task's inputs are media (image, audio) or none for a text-only LM")
+        if task.weight < 0 or task.ratio <= 0:
+            fail(f"{where}: weight must be >= 0 and ratio > 0, got weight={task.weight}, ratio={task.ratio}")
+    for key in ("steps", "batch_size", "grad_accum", "keep_last", "log_every"):
+        if getattr(config, key) <= 0:
+            fail(f"{key} must be positive, got {getattr(config, key)}")
+    for key in ("eval_every", "checkpoint_every", "eval_max_items"):
+        if getattr(config, key) < 0:
+            fail(f"{key} must be >= 0, got {getattr(config, key)}")
+    if config.batch_size % config.grad_accum:
+        fail(f"grad_accum ({config.grad_accum}) must divide batch_size ({config.batch_size})")
+    o = config.optim
+    if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+        fail(
+            f"optim needs lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, grad_clip >= 0, weight_decay >= 0; got {o}"
+        )
+    if config.finetune.lora.rank < 0:
+        fail(f"finetune.lora.rank must be >= 0, got {config.finetune.lora.rank}")

@@ -1,0 +1,175 @@
+"""Held-out metrics per task: caption exact match and token accuracy, classification accuracy, retrieval R@1.
+
+- caption exact match: the greedy caption equals one of the example's reference captions (after stripping
+  surrounding spaces); token accuracy: teacher-forced argmax predictions that equal the next caption token.
+- classification accuracy: the trained head's top class is the example's label.
+- retrieval R@1, both directions: the nearest neighbour (by embedding dot product) among the held-out
+  examples is a match - the same example, or, when examples carry labels, any example with the same label
+  (digits has ten captions shared by many images, so "the same label" is what a correct retrieval means).
+- every task also reports its held-out loss.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from mmfm.config import MEDIA_MODALITIES, build_dataclass
+from mmfm.data import Batch, Collator, EpochSampler, ManifestDataset
+from mmfm.errors import ConfigError
+from mmfm.train.config import TaskConfig
+from mmfm.train.objectives import (
+    CaptionObjective,
+    ClassifyObjective,
+    ContrastiveObjective,
+    Objective,
+    build_objective,
+    media_of,
+)
+
+RECIPE_NAME = "train_config.yaml"  # what `mmfm train` writes into the run folder
+
+
+@torch.no_grad()
+def evaluate(model, objectives: dict[str, Objective], loader: DataLoader, max_new_tokens: int = 32) -> dict[str, float]:
+    """Runs every objective's metrics over the loader's batches; returns {"val/<task>/<metric>": value}."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, float] = defaultdict(float)
+    retrieval: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for batch in loader:
+        batch = batch.to(model.device)
+        for name, objective in objectives.items():
+            rows = objective.rows(batch)
+            if not rows.any():
+                continue
+            units = objective.units(batch)
+            sums[f"{name}/loss"] += float(objective.loss_sum(model, batch))
+            counts[f"{name}/loss"] += float(units)
+            if isinstance(objective, CaptionObjective):
+                _caption_metrics(model, objective, batch, rows, name, sums, counts, max_new_tokens)
+            elif isinstance(objective, ClassifyObjective):
+                logits = model.classify_logits(media_of(batch, objective.inputs, rows))
+                sums[f"{name}/accuracy"] += float((logits.argmax(-1) == batch.label[rows]).sum())
+                counts[f"{name}/accuracy"] += float(rows.sum())
+            elif isinstance(objective, ContrastiveObjective):
+                for m in objective.inputs:
+                    retrieval[name][m].append(objective.embeddings(model, batch, m)[rows].float().cpu())
+                retrieval[name]["key"].append(_match_keys(batch, rows).cpu())
+    metrics = {f"val/{k}": sums[k] / counts[k] for k in sums if counts[k]}
+    for name, parts in retrieval.items():
+        a_name, b_name = objectives[name].inputs
+        metrics.update(_recall_at_1(name, a_name, b_name, parts))
+    model.train(was_training)
+    return metrics
+
+
+def _caption_metrics(model, objective, batch: Batch, rows, name, sums, counts, max_new_tokens: int) -> None:
+    ids, mask = objective.target(batch, rows)
+    media = media_of(batch, objective.inputs, rows)
+    predicted = model.caption_logits(media, ids, mask)[:, :-1].argmax(-1)
+    real = mask[:, 1:]
+    sums[f"{name}/token_accuracy"] += float(((predicted == ids[:, 1:]) & real).sum())
+    counts[f"{name}/token_accuracy"] += float(real.sum())
+    if not objective.inputs:  # a text-only LM has nothing to caption
+        return
+    generated = model.caption_tensors(media, max_new_tokens=max_new_tokens)
+    references = [refs for refs, keep in zip(batch.captions, rows.tolist()) if keep]
+    sums[f"{name}/exact_match"] += sum(g.strip() in [r.strip() for r in refs] for g, refs in zip(generated, references))
+    counts[f"{name}/exact_match"] += len(generated)
+
+
+def _match_keys(batch: Batch, rows) -> torch.Tensor:
+    """Labels where every row has one (a retrieval is right if the labels agree), else the example index."""
+    labels = batch.label[rows]
+    return labels if bool((labels >= 0).all()) else -1 - batch.index[rows]
+
+
+def _recall_at_1(name: str, a_name: str, b_name: str, parts: dict[str, list]) -> dict[str, float]:
+    a, b, keys = torch.cat(parts[a_name]), torch.cat(parts[b_name]), torch.cat(parts["key"])
+    sims = a @ b.T
+    a_to_b = (keys[sims.argmax(dim=1)] == keys).float().mean()
+    b_to_a = (keys[sims.argmax(dim=0)] == keys).float().mean()
+    return {f"val/{name}/r1_{a_name}_to_{b_name}": float(a_to_b), f"val/{name}/r1_{b_name}_to_{a_name}": float(b_to_a)}
+
+
+def evaluate_manifest(
+    model_dir: str | Path,
+    manifest: str | Path,
+    recipe: str | Path | None = None,
+    batch_size: int = 64,
+    samples: int = 0,
+) -> tuple[dict[str, float], list[str]]:
+    """`mmfm eval`: loads a saved model and computes every task's metrics on a manifest.
+
+    Tasks come from `recipe`, else from the run folder's `train_config.yaml` (found beside `RUN/final` or a
+    checkpoint), else from the model's heads and the fields the manifest has. Returns the metrics and up
+    to `samples` example outputs per caption and classification task, as printable lines.
+    """
+    from mmfm.factory import load
+
+    model = load(model_dir)
+    dataset = ManifestDataset(manifest)
+    tasks = _tasks_for(model, dataset, Path(model_dir), recipe)
+    objectives = {t.name: build_objective(t, model) for t in tasks}
+    collate = Collator.from_model(model)
+    sampler = EpochSampler(len(dataset), seed=0, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+    metrics = evaluate(model, objectives, loader)
+    return metrics, _samples(model, objectives, dataset, collate, samples) if samples else []
+
+
+def _tasks_for(model, dataset: ManifestDataset, model_dir: Path, recipe) -> list[TaskConfig]:
+    for candidate in (
+        [Path(recipe)] if recipe else [model_dir.parent / RECIPE_NAME, model_dir.parent.parent / RECIPE_NAME]
+    ):
+        if candidate.exists():
+            data = yaml.safe_load(candidate.read_text()) or {}
+            return [
+                build_dataclass(TaskConfig, t, str(candidate), f"tasks[{i}].")
+                for i, t in enumerate(data.get("tasks", []))
+            ]
+        if recipe:
+            raise ConfigError(f"{candidate}: training recipe not found")
+    fields = {key for i in range(len(dataset)) for key in dataset[i]}
+    media = [m for m in MEDIA_MODALITIES if m in fields and m in model.encoders]
+    tasks = []
+    if "caption" in model.heads and "caption" in fields:
+        tasks += [TaskConfig(f"{m}_caption", "caption", [m]) for m in media]
+    if "classify" in model.heads and "label" in fields and media:
+        tasks.append(TaskConfig(f"{media[0]}_classify", "classify", [media[0]]))
+    if "contrastive" in model.heads and "caption" in fields:
+        tasks += [TaskConfig(f"{m}_text", "contrastive", [m, "text"]) for m in media]
+    if not tasks:
+        raise ConfigError(f"{dataset.path}: nothing to evaluate: no manifest field matches a head of the model")
+    return tasks
+
+
+@torch.no_grad()
+def _samples(model, objectives, dataset, collate, count: int) -> list[str]:
+    model.eval()
+    batch = collate([dataset[i] for i in range(min(count, len(dataset)))]).to(model.device)
+    lines = []
+    for name, objective in objectives.items():
+        rows = objective.rows(batch)
+        if isinstance(objective, CaptionObjective) and objective.inputs:
+            (m,) = objective.inputs[:1]
+            texts = model.caption_tensors(media_of(batch, objective.inputs, rows))
+            sources = [dataset[int(i)][m] for i in batch.index[rows]]
+            lines += [f"{name}: {Path(src).name} -> {text!r}" for src, text in zip(sources, texts)]
+        elif isinstance(objective, ClassifyObjective):
+            probs = model.heads["classify"].probabilities(
+                model.classify_logits(media_of(batch, objective.inputs, rows))
+            )
+            labels = model.heads["classify"].labels
+            sources = [dataset[int(i)][objective.inputs[0]] for i in batch.index[rows]]
+            lines += [
+                f"{name}: {Path(s).name} -> {labels[int(p.argmax())]} ({float(p.max()):.2f})"
+                for s, p in zip(sources, probs)
+            ]
+    return lines

@@ -1,0 +1,388 @@
+"""The training loop: one plain PyTorch loop that reads top to bottom.
+
+Each optimizer step the mixer picks a task; `grad_accum` micro-batches are fetched, the task's summed loss
+is divided by the units of the whole step (all micro-batches on all ranks), back-propagated, clipped and
+applied with AdamW under warmup + cosine. Every `eval_every` steps the held-out metrics are computed, every
+`checkpoint_every` steps a checkpoint is written, and a SIGINT/SIGTERM ends the run after the current step
+with a checkpoint. Resuming restores model, optimizer, scheduler, mixer, RNG and data position, so on CPU a
+resumed run reproduces the uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mmfm.checkpoint import CONFIG_NAME, load_weights, read_weights, unique_state_dict
+from mmfm.config import ModelConfig
+from mmfm.data import Collator, EpochSampler, ManifestDataset, cache_media
+from mmfm.errors import ConfigError, MMFMError
+from mmfm.factory import create_model
+from mmfm.model import MultimodalModel
+from mmfm.train import distributed as D
+from mmfm.train.checkpointing import list_checkpoints, load_trainer_state, save_checkpoint
+from mmfm.train.config import TrainConfig
+from mmfm.train.evaluate import evaluate
+from mmfm.train.finetune import apply_lora, freeze, merge_lora, save_adapter
+from mmfm.train.mixer import TaskMixer
+from mmfm.train.objectives import Objective, build_objective
+from mmfm.train.optim import build_optimizer, warmup_cosine
+from mmfm.train.run_log import RunLog
+
+FINAL_NAME = "final"
+
+
+class TaskLosses(nn.Module):
+    """The module DDP/FSDP wrap: `forward(task, batch)` is the task's summed loss on the model."""
+
+    def __init__(self, model: MultimodalModel, objectives: dict[str, Objective]):
+        super().__init__()
+        self.model = model
+        self.objectives = objectives
+
+    def forward(self, task: str, batch) -> torch.Tensor:
+        return self.objectives[task].loss_sum(self.model, batch, across_ranks=True)
+
+
+def build_model(config: TrainConfig) -> tuple[MultimodalModel, list[str]]:
+    """The model to train and notes on how its weights were initialised.
+
+    A saved directory is fine-tuned: its config (with `model_overrides`) is rebuilt and its weights loaded;
+    head weights whose shape the overrides changed (a new label set) start fresh and are reported.
+    """
+    path = Path(config.model)
+    if not path.is_dir():
+        return create_model(config.model, **config.model_overrides), []
+    saved = ModelConfig.from_file(path / CONFIG_NAME)
+    model_config = saved.with_overrides(config.model_overrides, f"{path} + model_overrides")
+    model = MultimodalModel(model_config)
+    state = dict(read_weights(path))
+    expected = unique_state_dict(model)
+    fresh = sorted(k for k in state if k in expected and k.startswith("heads.") and state[k].shape != expected[k].shape)
+    for key in fresh:
+        del state[key]
+    notes = load_weights(model, state, str(path), strict=False)
+    return model, notes + [f"re-initialised (new shape): {k}" for k in fresh]
+
+
+class Trainer:
+    """Runs one `TrainConfig`: `Trainer(config).fit()` returns the final model directory."""
+
+    def __init__(self, config: TrainConfig, env: D.DistEnv | None = None):
+        self.config = config
+        self.env = env or D.DistEnv()
+        self.run_dir = Path(config.out_dir)
+        if list_checkpoints(self.run_dir) and not config.resume:
+            raise ConfigError(
+                f"{self.run_dir} already holds checkpoints of a run; pass resume=true to continue it, "
+                "or choose another out_dir"
+            )
+        world, accum = self.env.world_size, config.grad_accum
+        if config.batch_size % (accum * world):
+            raise ConfigError(
+                f"batch_size ({config.batch_size}) must be divisible by grad_accum ({accum}) x ranks ({world})"
+            )
+        self.micro_batch = config.batch_size // (accum * world)
+
+        torch.manual_seed(config.seed)
+        self.model, self.init_notes = build_model(config)
+        if config.grad_checkpointing:
+            self.model.backbone.grad_checkpointing = True
+        self.objectives = {t.name: build_objective(t, self.model) for t in config.tasks}
+        self.train_set, self.val_set = self._datasets()
+        if config.finetune.freeze:
+            freeze(self.model, config.finetune.freeze)
+        if config.finetune.lora.rank:
+            apply_lora(self.model, config.finetune.lora)
+        self.model.to(self.env.device).train()
+        if config.compile:
+            for module in (self.model.backbone, *self.model.encoders.values()):
+                module.compile()
+
+        self.start_step, self.epoch, self.epoch_batches = 0, 0, 0
+        resume_from = list_checkpoints(self.run_dir)[-1] if config.resume and list_checkpoints(self.run_dir) else None
+        if resume_from is not None:
+            load_weights(self.model, read_weights(resume_from), str(resume_from))
+        self.losses = D.wrap(
+            TaskLosses(self.model, self.objectives), self.model.backbone.blocks, config.distributed, self.env
+        )
+        self.optimizer = build_optimizer(self.losses, config.optim)
+        self.scheduler = warmup_cosine(self.optimizer, config.optim, config.steps)
+        self.mixer = TaskMixer(config.tasks, config.seed)
+        torch.manual_seed(config.seed + 1 + self.env.rank)  # dropout and diffusion noise: one stream per rank
+        if resume_from is not None:
+            self._restore(load_trainer_state(resume_from))
+
+        self.sampler = EpochSampler(
+            len(self.train_set), seed=config.seed, shuffle=True, rank=self.env.rank, world_size=self.env.world_size
+        )
+        collate = Collator.from_model(self.model)
+        self.loader = DataLoader(
+            self.train_set,
+            batch_size=self.micro_batch,
+            sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=config.data.num_workers,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
+        )
+        if len(self.sampler) // self.micro_batch == 0 and resume_from is None:
+            raise ConfigError(
+                f"{config.data.train}: {len(self.train_set)} examples make no full batch of {self.micro_batch} "
+                f"per rank; lower batch_size"
+            )
+        self.val_loader = None
+        if self.val_set is not None:
+            self.val_loader = DataLoader(
+                self.val_set,
+                batch_size=max(self.micro_batch, 64),
+                sampler=EpochSampler(len(self.val_set), seed=config.seed, shuffle=False),
+                collate_fn=collate,
+                num_workers=config.data.num_workers,
+            )
+        self.batches = None
+        self.stop_signal: int | None = None
+        self._paused = 0.0
+        self.log = (
+            RunLog(self.run_dir, config.tensorboard, resume_step=self.start_step if resume_from else None)
+            if self.env.is_main
+            else None
+        )
+
+    # ---- setup helpers ----
+
+    def _datasets(self):
+        data, model = self.config.data, self.model
+        train = ManifestDataset(data.train, on_error=data.on_error)
+        val = ManifestDataset(data.val, on_error=data.on_error) if data.val else None
+        if val is not None and self.config.eval_max_items:
+            val = torch.utils.data.Subset(val, range(min(len(val), self.config.eval_max_items)))
+        if data.cache_media:
+            train = cache_media(train, model.processors)
+            val = cache_media(val, model.processors) if val is not None else None
+        return train, val
+
+    def _restore(self, state: dict) -> None:
+        self.start_step, self.epoch, self.epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
+        if self.env.enabled and self.config.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.losses, self.optimizer, state["optimizer"], options=options)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.mixer.load_state_dict(state["mixer"])
+        rng = state["rng"]
+        if len(rng) == self.env.world_size:
+            torch.set_rng_state(rng[self.env.rank])
+
+    # ---- the loop ----
+
+    def next_batch(self):
+        """The next micro-batch; epochs roll over, and the position is what a checkpoint records."""
+        while True:
+            if self.batches is None:
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.set_start(self.epoch_batches * self.micro_batch)
+                self.batches = iter(self.loader)
+            try:
+                batch = next(self.batches)
+            except StopIteration:
+                self.epoch, self.epoch_batches, self.batches = self.epoch + 1, 0, None
+                continue
+            self.epoch_batches += 1
+            return batch.to(self.env.device)
+
+    def train_step(self) -> tuple[str, float]:
+        """One optimizer step on one task; returns the task name and its (unweighted) loss."""
+        task = self.mixer.sample()
+        objective = self.objectives[task.name]
+        micro = [self.next_batch() for _ in range(self.config.grad_accum)]
+        units = D.sum_across_ranks(sum(objective.units(b) for b in micro).double().reshape(()), self.env)
+        total = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        if units > 0:
+            scale = task.weight * self.env.world_size / float(units)  # DDP/FSDP average gradients over ranks
+            for i, batch in enumerate(micro):
+                with self._sync_gradients(i == len(micro) - 1), self._autocast():
+                    loss_sum = self.losses(task.name, batch)
+                (loss_sum * scale).backward()
+                total += loss_sum.detach().double()
+            if self.config.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.losses.parameters(), self.config.optim.grad_clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        loss = D.sum_across_ranks(total, self.env) / units if units > 0 else torch.tensor(float("nan"))
+        return task.name, float(loss)
+
+    def fit(self) -> Path:
+        """Trains to `config.steps`; returns the directory of the final model (`RUN/final`)."""
+        config, env = self.config, self.env
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            for note in self.init_notes:
+                print(f"mmfm train: {note}")
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(
+            total=config.steps, initial=self.start_step, disable=not (config.progress and env.is_main), unit="step"
+        )
+        window: dict[str, list[float]] = {}
+        tick, step = time.perf_counter(), self.start_step
+        try:
+            for step in range(self.start_step + 1, config.steps + 1):
+                name, loss = self.train_step()
+                window.setdefault(name, []).append(loss)
+                bar.update(1)
+                bar.set_postfix({name: f"{loss:.3f}"}, refresh=False)
+                if step % config.log_every == 0 or step == config.steps:
+                    elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+                    steps_done = config.log_every if step % config.log_every == 0 else step % config.log_every
+                    values = {f"train/{k}/loss": sum(v) / len(v) for k, v in window.items()}
+                    values["train/lr"] = self.scheduler.get_last_lr()[0]
+                    values["train/samples_per_s"] = steps_done * config.batch_size / elapsed
+                    self._log(step, values)
+                    window = {}
+                if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+                    self._log(step, self.evaluate())
+                if self._should_stop() or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    self.save(step)
+                if self.stop_signal is not None:
+                    bar.close()
+                    raise Interrupted(self.stop_signal, step, self.run_dir)
+                tick += self._paused  # evaluation and checkpoints do not count against samples/s
+                self._paused = 0.0
+            bar.close()
+            self.save(config.steps)
+            metrics = self.evaluate()
+            self._log(config.steps, metrics)
+            return self.finish(metrics)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.log is not None:
+                self.log.close()
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics, computed on rank 0 with the full weights while the other ranks wait."""
+        if self.val_loader is None:
+            return {}
+        start = time.perf_counter()
+        model = self.plain_model()
+        metrics = evaluate(model, self.objectives, self.val_loader) if self.env.is_main else {}
+        D.barrier(self.env)
+        self._paused += time.perf_counter() - start
+        return metrics
+
+    def save(self, step: int) -> None:
+        """A checkpoint of everything resume needs; every rank takes part, rank 0 writes."""
+        start = time.perf_counter()
+        model = self.plain_model()
+        state = {
+            "step": step,
+            "epoch": self.epoch,
+            "epoch_batches": self.epoch_batches,
+            "optimizer": self._optimizer_state(),
+            "scheduler": self.scheduler.state_dict(),
+            "mixer": self.mixer.state_dict(),
+            "rng": D.gather_objects(torch.get_rng_state(), self.env),
+        }
+        if self.env.is_main:
+            save_checkpoint(self.run_dir, step, model, state, self.config.keep_last)
+            if self.log is not None:
+                self.log.plot()
+        D.barrier(self.env)
+        self._paused += time.perf_counter() - start
+
+    def finish(self, metrics: dict[str, float]) -> Path:
+        """Writes RUN/final (LoRA merged in; the adapters alone in RUN/final/adapter) and the curves."""
+        final = self.run_dir / FINAL_NAME
+        model = self.plain_model()
+        if self.env.is_main:
+            if self.config.finetune.lora.rank:
+                save_adapter(model, final / "adapter", self.config.finetune.lora)
+                model = merge_lora(model)
+            model.save_pretrained(final)
+            self.log.plot()
+            for name, value in metrics.items():
+                print(f"{name}: {value:.4f}")
+        D.barrier(self.env)
+        return final
+
+    def plain_model(self) -> MultimodalModel:
+        """The model with full weights on this process (an unsharded copy under FSDP; rank 0 uses it)."""
+        if not self.env.enabled or self.config.distributed == "ddp":
+            return self.model
+        state = D.full_state_dict(self.losses, self.env)
+        copy = MultimodalModel(self.model.config)
+        if self.config.finetune.lora.rank:
+            apply_lora(copy, self.config.finetune.lora)
+        copy.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False)
+        return copy.train(self.model.training)
+
+    # ---- small helpers ----
+
+    def _optimizer_state(self) -> dict:
+        if self.env.enabled and self.config.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.losses, self.optimizer, options=options)
+        return self.optimizer.state_dict()
+
+    def _sync_gradients(self, sync: bool):
+        """Gradients are reduced across ranks only on the last micro-batch of a step."""
+        if isinstance(self.losses, nn.parallel.DistributedDataParallel) and not sync:
+            return self.losses.no_sync()
+        if self.env.enabled and self.config.distributed == "fsdp":
+            self.losses.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+    def _should_stop(self) -> bool:
+        """Whether any rank was signalled (every rank must agree, since saving is collective)."""
+        flag = torch.tensor(0.0 if self.stop_signal is None else float(self.stop_signal))
+        flag = D.sum_across_ranks(flag, self.env)
+        if flag > 0 and self.stop_signal is None:
+            self.stop_signal = int(signal.SIGTERM)
+        return self.stop_signal is not None
+
+    def _log(self, step: int, values: dict[str, float]) -> None:
+        if self.log is not None and values:
+            self.log.log(step, values)
+
+
+class Interrupted(MMFMError):
+    """A run stopped by SIGINT/SIGTERM after saving a checkpoint; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        super().__init__(
+            f"stopped by signal {signum} after step {step}; checkpoint saved in {run_dir / 'checkpoints'} "
+            "(continue with resume=true)"
+        )
+        self.exit_code = 128 + signum
+
+
+def train(config: TrainConfig) -> Path:
+    """Runs a training recipe in this process, or as one rank of a torchrun job; returns RUN/final."""
+    env = D.init_distributed()
+    try:
+        return Trainer(config, env).fit()
+    finally:
+        D.shutdown(env)

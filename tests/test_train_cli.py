@@ -1,0 +1,71 @@
+"""`mmfm train` and `mmfm eval` from the command line."""
+
+from __future__ import annotations
+
+import json
+
+from mmfm.cli import main
+
+
+def test_train_then_eval_prints_metrics_and_samples(make_recipe, tiny_digits, tmp_path, capsys):
+    assert main(["train", str(make_recipe(steps=3)), "optim.lr=0.002", "log_every=1"]) == 0
+    out = capsys.readouterr().out
+    final = tmp_path / "run" / "final"
+    assert f"model: {final}" in out
+    assert (tmp_path / "run" / "train_config.yaml").read_text().count("lr: 0.002") == 1
+
+    metrics_file = tmp_path / "metrics.json"
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(final),
+            "--data",
+            str(tiny_digits / "val.jsonl"),
+            "--samples",
+            "2",
+            "--out",
+            str(metrics_file),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(metrics_file.read_text())
+    # the tasks come from the run's own recipe
+    assert {"val/image_caption/exact_match", "val/audio_caption/token_accuracy", "val/digit/accuracy"} <= set(metrics)
+    assert {"val/image_text/r1_image_to_text", "val/image_text/r1_text_to_image"} <= set(metrics)
+    assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if not k.endswith("/loss"))
+    assert f"val/digit/accuracy: {metrics['val/digit/accuracy']:.4f}" in out
+    assert out.count("image_caption: ") == 2 and out.count("audio_caption: ") == 2 and ".wav -> '" in out
+
+
+def test_eval_without_a_recipe_infers_tasks_from_heads_and_fields(make_recipe, tiny_digits, tmp_path, capsys):
+    main(["train", str(make_recipe(steps=1))])
+    model_dir = tmp_path / "moved"
+    (tmp_path / "run" / "final").rename(model_dir)  # no train_config.yaml nearby any more
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model_dir), "--data", str(tiny_digits / "val.jsonl")]) == 0
+    out = capsys.readouterr().out
+    for name in ("image_caption", "audio_caption", "image_classify", "image_text", "audio_text"):
+        assert f"val/{name}/" in out
+
+
+def test_train_errors_name_the_key_and_the_manifest_line(make_recipe, tiny_digits, tmp_path, capsys):
+    assert main(["train", str(make_recipe()), "optim.l=1"]) == 2
+    assert "unknown config key 'optim.l'" in capsys.readouterr().err
+    assert main(["train", str(make_recipe()), "steps"]) == 2
+    assert "not KEY=VALUE" in capsys.readouterr().err
+
+    bad = tmp_path / "bad.jsonl"
+    lines = (tiny_digits / "train.jsonl").read_text().splitlines()
+    lines[2] = lines[2].replace(".png", "-missing.png")
+    bad.write_text(
+        "\n".join(
+            line.replace('"images/', f'"{tiny_digits}/images/').replace('"audio/', f'"{tiny_digits}/audio/')
+            for line in lines
+        )
+    )
+    assert main(["train", str(make_recipe("strict", data={"train": str(bad)}))]) == 2
+    assert "bad.jsonl:3:" in capsys.readouterr().err
+    recipe = make_recipe("lenient", data={"train": str(bad), "on_error": "skip"}, steps=1)
+    assert main(["train", str(recipe)]) == 0
