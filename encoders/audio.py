@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from timm.layers import PatchEmbed, to_2tuple
+from timm.layers import LayerNorm, PatchEmbed, to_2tuple
 from torch import Tensor, nn
 
 from mmfm.config import AudioEncoderConfig
@@ -97,6 +97,7 @@ class AudioEncoder(nn.Module):
             embed_dim=config.width,
             depth=config.depth,
             num_heads=config.num_heads,
+            norm_layer=None if config.norm_eps is None else partial(LayerNorm, eps=config.norm_eps),
         )
         self.width = self.vit.embed_dim
         self.num_tokens = num_vit_tokens(self.vit, config.keep_prefix_tokens)

@@ -18,17 +18,8 @@ VIT_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid")
 _CONFIG_KEYS = {"embed_dim": "width"}
 
 
-def create_vit(section: str, model_name: str, **kwargs: Any) -> VisionTransformer:
-    """A randomly initialised timm ViT-family model without classifier or pooling.
-
-    Args:
-        section: the config section ("image" or "audio"), named in errors.
-        model_name: a timm model name, with or without a pretrained tag.
-        **kwargs: `timm.create_model` arguments; those set to None keep the named model's value.
-
-    Raises:
-        ConfigError: the name is not a timm ViT-family model, or timm cannot build it with these arguments.
-    """
+def check_vit_name(section: str, model_name: str) -> None:
+    """Raises ConfigError, naming `section.model_name` and close matches, unless timm has this ViT-family model."""
     if not timm.is_model(model_name) or not is_model_in_modules(model_name, VIT_MODULES):
         known = timm.list_models(module=list(VIT_MODULES))
         close = difflib.get_close_matches(get_arch_name(model_name), known, n=3, cutoff=0.6)
@@ -38,8 +29,24 @@ def create_vit(section: str, model_name: str, **kwargs: Any) -> VisionTransforme
             f"{section}.model_name: {model_name!r} is not {what} (timm's VisionTransformer or a subclass, "
             f"e.g. 'vit_base_patch16_224' or 'deit_small_patch16_224'){hint}"
         )
+
+
+def create_vit(section: str, model_name: str, **kwargs: Any) -> VisionTransformer:
+    """A randomly initialised timm ViT-family model without classifier or pooling.
+
+    Args:
+        section: the config section ("image" or "audio"), named in errors.
+        model_name: a timm model name, with or without a pretrained tag.
+        **kwargs: `timm.create_model` arguments; those set to None keep the named model's value, except
+            `global_pool` (None means "", no pooling) and `num_classes` (None means 0, no head).
+
+    Raises:
+        ConfigError: the name is not a timm ViT-family model, or timm cannot build it with these arguments.
+    """
+    check_vit_name(section, model_name)
+    global_pool = kwargs.pop("global_pool", None) or ""
+    num_classes = kwargs.pop("num_classes", None) or 0
     kwargs = {key: value for key, value in kwargs.items() if value is not None}
-    global_pool = ""
     if "distilled" in get_arch_name(model_name):
         # DeiT's distilled ViT builds only with token pooling (which never runs without a head), and its
         # class + distillation prefix leaves no place for register tokens.
@@ -50,7 +57,9 @@ def create_vit(section: str, model_name: str, **kwargs: Any) -> VisionTransforme
             )
         global_pool = "token"
     try:
-        return timm.create_model(model_name, pretrained=False, num_classes=0, global_pool=global_pool, **kwargs)
+        return timm.create_model(
+            model_name, pretrained=False, num_classes=num_classes, global_pool=global_pool, **kwargs
+        )
     except (AssertionError, TypeError, ValueError, RuntimeError) as e:
         settings = ", ".join(
             f"{section}.{_CONFIG_KEYS.get(key, key)}={value!r}" for key, value in kwargs.items() if key != "embed_layer"

@@ -1,4 +1,4 @@
-"""Text to token ids and back: a UTF-8 byte tokenizer and open_clip's CLIP BPE, behind one interface.
+"""Text to token ids and back: UTF-8 bytes, open_clip's CLIP BPE and BERT's WordPiece, behind one interface.
 
 Every tokenizer frames a text as `[BOS, tokens..., EOS]`, pads a batch to its longest item and returns a
 mask that is True on real tokens, so the sequence builder and the heads never look at pad ids.
@@ -7,7 +7,11 @@ mask that is True on real tokens, so the sequence builder and the heads never lo
 from __future__ import annotations
 
 import functools
+import json
+import re
+import unicodedata
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -186,14 +190,171 @@ class ClipTokenizer(Tokenizer):
         return self._bpe.decode(ids).strip()
 
 
+# Unicode blocks of CJK ideographs, which BERT splits into one word each (as Chinese has no spaces).
+_CJK_RANGES = (
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
+)
+_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _is_punctuation(ch: str) -> bool:
+    cp = ord(ch)
+    # All non-letter, non-digit ASCII counts as punctuation ("$", "^", "`"), not only Unicode's P* categories.
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+def _is_cjk(ch: str) -> bool:
+    cp = ord(ch)
+    return any(lo <= cp <= hi for lo, hi in _CJK_RANGES)
+
+
+def read_wordpiece_vocab(path: Path) -> list[str]:
+    """The tokens of a vocab.txt or of a WordPiece tokenizer.json, in id order.
+
+    Raises:
+        ConfigError: naming the file, when it is missing, unreadable, or not a WordPiece vocabulary.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"text.vocab: {path}: no such vocabulary file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"text.vocab: {path}: cannot be read as UTF-8 ({e})") from None
+    if path.suffix != ".json":
+        return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+    try:
+        model = json.loads(text)["model"]
+        ids = model["vocab"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"text.vocab: {path}: not a Hugging Face tokenizer.json ({type(e).__name__}: {e})") from None
+    if model.get("type") != "WordPiece" or model.get("continuing_subword_prefix", "##") != "##":
+        raise ConfigError(f"text.vocab: {path}: a {model.get('type')} tokenizer, not BERT's WordPiece with '##'")
+    tokens = sorted(ids, key=ids.get)
+    if [ids[t] for t in tokens] != list(range(len(tokens))):
+        raise ConfigError(f"text.vocab: {path}: the vocabulary's ids are not 0..{len(tokens) - 1}")
+    return tokens
+
+
+class WordPieceTokenizer(Tokenizer):
+    """BERT's WordPiece over a vocab.txt file, as Hugging Face's `BertTokenizer` tokenizes.
+
+    Basic tokenization first: control characters and U+FFFD are dropped, whitespace becomes a space, every
+    CJK ideograph becomes a word of its own, the text is lowercased and stripped of accents (NFD, combining
+    marks removed) as configured, and punctuation splits words, one token per mark. Then each word is
+    split greedily into the longest vocabulary pieces from its start, continuation pieces prefixed "##"; a
+    word that cannot be split (or is over 100 characters) becomes [UNK]. The special tokens ([CLS], [SEP],
+    [PAD], [UNK], [MASK]) written literally in a text are kept whole, as Hugging Face does. Texts are framed
+    as `[CLS] tokens [SEP]` and padded with [PAD].
+
+    Args:
+        vocab: the vocabulary: a vocab.txt (one token per line; a token's id is its line number, from 0) or a
+            Hugging Face tokenizer.json whose model is WordPiece (what transformers 5 saves instead).
+        lowercase: lowercase the text (an uncased model).
+        strip_accents: remove accents; None follows `lowercase`, as BERT does.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or lacks [PAD], [UNK], [CLS] or [SEP].
+    """
+
+    max_chars_per_word = 100
+
+    def __init__(self, vocab: str | Path, lowercase: bool = True, strip_accents: bool | None = None) -> None:
+        path = Path(vocab)
+        self.tokens = read_wordpiece_vocab(path)
+        self.vocab = {token: i for i, token in enumerate(self.tokens)}
+        missing = [t for t in _SPECIAL_TOKENS[:4] if t not in self.vocab]
+        if missing:
+            raise ConfigError(f"text.vocab: {path}: a WordPiece vocabulary needs {', '.join(missing)}")
+        self.lowercase = lowercase
+        self.strip_accents = lowercase if strip_accents is None else strip_accents
+        self.vocab_size = len(self.tokens)
+        self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
+        self.bos_id, self.eos_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
+        specials = [t for t in _SPECIAL_TOKENS if t in self.vocab]
+        self._special_split = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for i, chunk in enumerate(self._special_split.split(text)):
+            if i % 2:  # the split keeps the separators (special tokens) at odd positions
+                ids.append(self.vocab[chunk])
+                continue
+            for word in self.basic_tokenize(chunk):
+                ids.extend(self._wordpiece(word))
+        return ids
+
+    def basic_tokenize(self, text: str) -> list[str]:
+        """Cleaning, CJK splitting, lowercasing, accent stripping and punctuation splitting -> words."""
+        chars = []
+        for ch in text:
+            cp = ord(ch)
+            if ch in " \t\n\r" or unicodedata.category(ch) == "Zs":
+                chars.append(" ")
+            elif cp == 0 or cp == 0xFFFD or unicodedata.category(ch).startswith("C"):
+                continue
+            elif _is_cjk(ch):
+                chars.append(f" {ch} ")
+            else:
+                chars.append(ch)
+        words = []
+        for word in "".join(chars).split():
+            if self.lowercase:
+                word = word.lower()
+            if self.strip_accents:
+                word = "".join(c for c in unicodedata.normalize("NFD", word) if unicodedata.category(c) != "Mn")
+            start = 0
+            for j, ch in enumerate(word):
+                if _is_punctuation(ch):
+                    words.extend(w for w in (word[start:j], ch) if w)
+                    start = j + 1
+            if word[start:]:
+                words.append(word[start:])
+        return words
+
+    def _wordpiece(self, word: str) -> list[int]:
+        if len(word) > self.max_chars_per_word:
+            return [self.unk_id]
+        pieces, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):  # longest match first
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.vocab:
+                    pieces.append(self.vocab[piece])
+                    start = end
+                    break
+            else:
+                return [self.unk_id]
+        return pieces
+
+    def _decode_tokens(self, ids: list[int]) -> str:
+        return " ".join(self.tokens[i] for i in ids).replace(" ##", "").strip()
+
+    def save_vocabulary(self, path: str | Path) -> None:
+        """Writes the vocabulary, one token per line in id order, so the file rebuilds this tokenizer."""
+        Path(path).write_text("".join(token + "\n" for token in self.tokens), encoding="utf-8")
+
+
 def build_tokenizer(config: TextConfig) -> Tokenizer:
     """The tokenizer `config.tokenizer` names.
 
     Raises:
-        ConfigError: `config.tokenizer` is neither "clip" nor "byte".
+        ConfigError: `config.tokenizer` is unknown, or the "wordpiece" vocabulary cannot be read.
     """
     if config.tokenizer == "clip":
         return ClipTokenizer()
     if config.tokenizer == "byte":
         return ByteTokenizer()
-    raise ConfigError(f"unknown text.tokenizer {config.tokenizer!r}; expected 'clip' or 'byte'")
+    if config.tokenizer == "wordpiece":
+        if config.vocab is None:
+            raise ConfigError("text.tokenizer 'wordpiece' needs text.vocab, the path of its vocab.txt")
+        return WordPieceTokenizer(config.vocab, config.lowercase, config.strip_accents)
+    raise ConfigError(f"unknown text.tokenizer {config.tokenizer!r}; expected 'clip', 'byte' or 'wordpiece'")

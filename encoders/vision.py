@@ -24,13 +24,16 @@ from mmfm.errors import ConfigError, InputError
 class ImageEncoder(nn.Module):
     """A timm ViT-family model that encodes images into tokens, with the preprocessing that suits it.
 
-    The timm model is kept as `self.vit`, so state_dict keys are `vit.` + timm's own keys. It is built without a
-    classifier head or pooling; `forward` returns the tokens after timm's final norm.
+    The timm model is kept as `self.vit`, so state_dict keys are `vit.` + timm's own keys. `forward` returns the
+    tokens after timm's final norm. By default it is built without pooling or head; with `config.global_pool` (and
+    `config.head_dim`) it also embeds each image on its own (`forward_pooled`: timm's `forward_head`), as the image
+    tower of a CLIP-style model does.
 
     Attributes:
         config: the config the encoder was built from.
         vit: the timm VisionTransformer.
         width: token width.
+        pooled_dim: width of `forward_pooled`'s output.
         num_tokens: tokens per image that `forward` returns at the configured image size.
         data_config: preprocessing in timm's `resolve_data_config` form (input_size, interpolation, mean, std,
             crop_pct, crop_mode): the model's pretrained config, overridden by the config's non-None fields.
@@ -58,8 +61,16 @@ class ImageEncoder(nn.Module):
             embed_dim=config.width,
             depth=config.depth,
             num_heads=config.num_heads,
+            mlp_ratio=config.mlp_ratio,
+            pre_norm=config.pre_norm,
+            global_pool=config.global_pool,
+            num_classes=config.head_dim,
         )
+        if config.head_dim and not config.head_bias:
+            # timm's head always has a bias; CLIP's visual projection has none.
+            self.vit.head = nn.Linear(self.vit.embed_dim, config.head_dim, bias=False)
         self.width: int = self.vit.embed_dim
+        self.pooled_dim: int = config.head_dim or self.width
         self.num_tokens: int = num_vit_tokens(self.vit, config.keep_prefix_tokens)
         self.data_config: dict[str, Any] = _data_config(self.vit, config)
 
@@ -78,6 +89,23 @@ class ImageEncoder(nn.Module):
         """
         self._check_shape(pixels)
         return vit_tokens(self.vit, pixels, self.config.keep_prefix_tokens)
+
+    def forward_pooled(self, pixels: Tensor) -> Tensor:
+        """One vector per image: timm's features, pooled as `config.global_pool` says, through the head if any.
+
+        Args:
+            pixels: (B, in_chans, H, W) normalised images.
+
+        Returns:
+            (B, head_dim) with a head, else (B, width).
+
+        Raises:
+            InputError: `pixels` has the wrong shape, or the encoder was built without pooling.
+        """
+        if self.config.global_pool is None:
+            raise InputError("this image encoder has no pooled output; set image.global_pool (e.g. 'token')")
+        self._check_shape(pixels)
+        return self.vit.forward_head(self.vit.forward_features(pixels))  # (B, head_dim or width)
 
     def _check_shape(self, pixels: Tensor) -> None:
         embed = self.vit.patch_embed

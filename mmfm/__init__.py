@@ -5,6 +5,7 @@ from mmfm.errors import CheckpointError, ConfigError, InputError, MMFMError
 from mmfm.factory import create_model, load
 from mmfm.generation import GenerationConfig
 from mmfm.model import Classification, MultimodalModel
+from mmfm.pretrained import list_pretrained
 from mmfm.registry import list_models, register_model
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "MultimodalModel",
     "create_model",
     "list_models",
+    "list_pretrained",
     "load",
     "register_model",
 ]

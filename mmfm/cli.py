@@ -1,13 +1,16 @@
-"""The `mmfm` command: inspect models, caption, classify and embed image and audio files from the shell.
+"""The `mmfm` command: inspect models, caption, classify and embed files, generate images, from the shell.
 
 Every subcommand is a thin layer over the Python API (`mmfm.create_model`, `mmfm.load`, `model.caption`,
-`model.classify`, `model.embed`); errors mmfm raises on purpose are printed as one line, with exit code 2.
+`model.classify`, `model.embed`, `model.generate_image`); errors mmfm raises on purpose are printed as one
+line, with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -17,11 +20,15 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import yaml
+from PIL import Image
 
 import mmfm
 from mmfm.checkpoint import CONFIG_NAME
 from mmfm.config import ModelConfig
+from mmfm.data.digits import write_digits
 from mmfm.errors import InputError, MMFMError
+from mmfm.heads.diffusion import image_grid
+from mmfm.heads.diffusion_schedulers import SCHEDULERS
 from mmfm.model import MultimodalModel
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -45,6 +52,9 @@ examples:
   mmfm caption --model out/ cat.jpg dog.wav         one caption per file
   mmfm classify --model out/ cat.jpg --labels cat,dog,bird
   mmfm embed --model out/ --text "a cat" --text "a dog" --out text.npy
+  mmfm generate --model out/ --text "a red square" --out square.png
+  mmfm data digits data/digits/                     write the demo dataset: digits, tones, manifests
+  mmfm convert ast_dir/ out/ --from ast             weights of another library -> an mmfm checkpoint
 
 `mmfm COMMAND --help` explains each command and its options.
 """
@@ -94,6 +104,77 @@ Embeddings are unit vectors, so a dot product is a cosine similarity, also acros
 Without --out, each input prints {"input": ..., "embedding": [...]} on its own line.
 """
 
+_GENERATE_EPILOG = """\
+examples:
+  mmfm generate --model out/ --text "a red square" --out square.png
+  mmfm generate --model out/ --text "a seven" --text "a two" --num-images 4 --out grid.png
+  mmfm generate --model out/ --audio bark.wav --out bark.png --seed 0
+  mmfm generate --model out/ --image cat.png --num-images 3 --out variations.png
+  mmfm generate --model out/ --text "a cat" --scheduler ddim --steps 50 --guidance 5 --out cat.png
+
+Each --text, --audio or --image is one condition (repeat the option for more; use one kind per call).
+One image is written to --out as it is; several make one grid image with a row per condition and
+--num-images columns (a single condition's images are laid out as a square-ish grid). The image
+format follows the extension of --out. Defaults for the sampler, steps and guidance come from the
+model's image_gen config; --seed makes the images reproducible.
+"""
+
+_DATA_EPILOG = """\
+examples:
+  mmfm data digits data/digits/            write the digits demo dataset
+  mmfm data digits data/digits/ --seed 1   other tones and another train/val split
+
+Datasets are written as media files plus JSONL manifests (one example per line) that
+mmfm.data.ManifestDataset reads; `mmfm data DATASET --help` describes each one.
+"""
+
+_DIGITS_EPILOG = """\
+examples:
+  mmfm data digits data/digits/
+  mmfm data digits data/digits/ --seed 1
+
+Writes scikit-learn's 1,797 handwritten 8x8 digits as OUT/images/NNNNN.png, a telephone (DTMF)
+tone of each digit as OUT/audio/NNNNN.wav (16 kHz, random length, loudness and noise), and the
+manifests OUT/train.jsonl and OUT/val.jsonl (a fixed, seeded 20% of the images held out). Each
+line has the image, the audio, reference captions ("a handwritten seven", "the digit 7", ...) and
+the label ("7"). Running it again rewrites the files.
+"""
+
+
+_TRAIN_EPILOG = """\
+examples:
+  mmfm train configs/train/demo.yaml                       the digits demo (after `mmfm data digits`)
+  mmfm train my.yaml optim.lr=3e-4 steps=2000              override recipe fields
+  mmfm train my.yaml resume=true                           continue from the run's latest checkpoint
+  torchrun --nproc_per_node=2 -m mmfm train my.yaml        2 ranks, DDP or FSDP2 as the recipe says
+
+Writes the run folder (out_dir): metrics.csv, curves.png, checkpoints/step-NNNNNN/ (the last
+keep_last of them) and final/ (a model directory for mmfm.load). SIGINT or SIGTERM stops after the
+current step with a checkpoint; the exit code is then 128 + the signal number.
+"""
+
+_EVAL_EPILOG = """\
+examples:
+  mmfm eval --model runs/demo/final --data data/digits/val.jsonl
+  mmfm eval --model runs/demo/final --data data/digits/val.jsonl --samples 5 --out metrics.json
+
+The tasks come from --config, else from the run folder's train_config.yaml, else from the model's
+heads and the manifest's fields. Prints one `name: value` line per metric.
+"""
+
+
+_CONVERT_EPILOG = """\
+examples:
+  mmfm convert hf_ast/ out/ --from ast                      a Hugging Face AST directory -> out/
+  mmfm convert vit.safetensors out/ --from timm --model-name vit_base_patch16_224
+  mmfm convert hf_ast/ out/ --from ast --base mmfm-small    the other components from mmfm-small
+
+SRC is read in its own library's format (safetensors memory-mapped; .pt/.bin/.pth only with
+torch.load(weights_only=True), so nothing is unpickled) and remapped to mmfm keys. The components the
+source does not bring (the backbone and heads, when it is one tower) come from --base with fresh
+weights, and are listed. OUT/ gets config.yaml + model.safetensors: load it with mmfm.load("OUT/").
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the `mmfm` command line.
@@ -113,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except MMFMError as e:
         print(f"mmfm: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     return 0
 
 
@@ -121,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mmfm` and all its subcommands."""
     parser = argparse.ArgumentParser(
         prog="mmfm",
-        description="Multimodal foundation models: caption, classify and embed images and audio, inspect models.",
+        description="Multimodal foundation models: caption, classify, embed and generate images and audio.",
         epilog=_MAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -165,6 +246,67 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("files", nargs="*", metavar="FILE", help="image or audio files (by extension)")
     embed.add_argument("--text", action="append", metavar="TEXT", help="a text to embed; repeat for more")
     embed.add_argument("--out", metavar="FILE.npy", help="write an (N, E) float32 .npy array instead of JSON lines")
+
+    summary = "Generate images from texts, audio files or images (variations)."
+    generate = command("generate", summary, _GENERATE_EPILOG, _generate)
+    generate.add_argument("--model", required=True, metavar="NAME|DIR", help=_MODEL_HELP)
+    conditions = generate.add_mutually_exclusive_group(required=True)
+    conditions.add_argument("--text", action="append", metavar="TEXT", help="a prompt; repeat for more")
+    conditions.add_argument("--audio", action="append", metavar="FILE", help="an audio file; repeat for more")
+    conditions.add_argument("--image", action="append", metavar="FILE", help="an image to vary; repeat for more")
+    generate.add_argument("--out", required=True, metavar="PATH", help="the image (or grid) to write: .png, .jpg, ...")
+    generate.add_argument("--num-images", type=_positive_int, default=1, metavar="N", help="per condition (default: 1)")
+    generate.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the model's)")
+    generate.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale, 1 for none")
+    generate.add_argument("--scheduler", choices=list(SCHEDULERS), help="the sampler (default: the model's)")
+    generate.add_argument("--seed", type=int, metavar="N", help="seed for reproducible images")
+
+    summary = "Train or fine-tune a model from a YAML recipe (also one rank of a torchrun job)."
+    train = command("train", summary, _TRAIN_EPILOG, _train)
+    train.add_argument("config", metavar="CONFIG", help="a training recipe (YAML), e.g. configs/train/demo.yaml")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe fields to change (optim.lr=3e-4)")
+
+    summary = "Compute held-out metrics of a saved model on a manifest."
+    evaluate = command("eval", summary, _EVAL_EPILOG, _eval)
+    evaluate.add_argument("--model", required=True, metavar="DIR", help="a directory written by save_pretrained")
+    evaluate.add_argument("--data", required=True, metavar="MANIFEST", help="a JSONL manifest of held-out examples")
+    evaluate.add_argument(
+        "--config", metavar="RECIPE", help="take the tasks from this training recipe (default: the run's own)"
+    )
+    evaluate.add_argument("--samples", type=int, default=0, metavar="N", help="also print N sample outputs per task")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="default: 64")
+    evaluate.add_argument("--out", metavar="FILE.json", help="also write the metrics as JSON")
+
+    summary = "Convert weights of another library (timm, open_clip, Hugging Face, AST, ...) into an mmfm checkpoint."
+    conv = command("convert", summary, _CONVERT_EPILOG, _convert)
+    conv.add_argument("src", metavar="SRC", help="the source checkpoint: a file or directory in its library's format")
+    conv.add_argument("out", metavar="OUT", help="the directory to write config.yaml + model.safetensors into")
+    conv.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="the source library's format")
+    conv.add_argument("--model-name", metavar="NAME", help="the source's architecture name, where SRC does not say")
+    conv.add_argument(
+        "--base", default="mmfm-base", metavar="PRESET", help="preset for the parts SRC lacks (default: mmfm-base)"
+    )
+
+    summary = "Write a built-in dataset as files and JSONL manifests."
+    data = commands.add_parser(
+        "data",
+        help=summary,
+        description=summary,
+        epilog=_DATA_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    datasets = data.add_subparsers(dest="dataset", title="datasets", metavar="DATASET", required=True)
+    summary = "Write the handwritten digits demo dataset: images, DTMF tones, captions, labels."
+    digits = datasets.add_parser(
+        "digits",
+        help=summary,
+        description=summary,
+        epilog=_DIGITS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    digits.set_defaults(run=_data_digits)
+    digits.add_argument("out", metavar="OUT", help="the directory to write into (created if missing)")
+    digits.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the tones and the split (default: 0)")
     return parser
 
 
@@ -256,7 +398,83 @@ def _embed(args: argparse.Namespace) -> None:
     print(f"mmfm: wrote {embeddings.shape[0]}x{embeddings.shape[1]} float32 embeddings to {args.out}", file=sys.stderr)
 
 
+def _generate(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise InputError(f"--out {args.out}: unknown image extension '{out.suffix}' (try .png)")
+    conditions = {"text": args.text, "audio": args.audio, "images": args.image}
+    model = _load_model(args.model)
+    images = model.generate_image(
+        **{k: v for k, v in conditions.items() if v},
+        num_images=args.num_images,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        scheduler=args.scheduler,
+        seed=args.seed,
+        progress=sys.stderr.isatty(),
+    )
+    count = len(next(v for v in conditions.values() if v))
+    columns = args.num_images if count > 1 else math.ceil(math.sqrt(len(images)))
+    picture = images[0] if len(images) == 1 else image_grid(images, columns)
+    try:
+        picture.save(out)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--out {args.out}: cannot write the image ({e})") from None
+    what = "1 image" if len(images) == 1 else f"a grid of {len(images)} images"
+    print(f"mmfm: wrote {what} to {args.out}", file=sys.stderr)
+
+
+def _data_digits(args: argparse.Namespace) -> None:
+    try:
+        out = write_digits(args.out, seed=args.seed)
+    except OSError as e:
+        raise InputError(f"{args.out}: cannot write the dataset ({e.strerror or e})") from None
+    print(f"wrote the digits dataset to {out}")
+    for split in ("train", "val"):
+        manifest = out / f"{split}.jsonl"
+        count = sum(1 for line in manifest.read_text().splitlines() if line.strip())
+        print(f"{split:<5}  {count:>4} examples  {manifest}")
+
+
 # ---- helpers ----
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from mmfm.convert import build_model, convert, get_converter, list_sources
+
+    if args.source not in list_sources():
+        raise InputError(f"--from {args.source}: unknown source (known: {', '.join(list_sources())})")
+    kwargs = {}
+    if args.model_name is not None:
+        if "model_name" not in inspect.signature(get_converter(args.source)).parameters:
+            raise InputError(f"--model-name: the '{args.source}' converter reads the architecture from SRC itself")
+        kwargs["model_name"] = args.model_name
+    converted = convert(args.source, args.src, **kwargs)
+    model, fresh = build_model(converted, args.base, f"{args.src} ({args.source})")
+    model.save_pretrained(args.out)
+    print(f"mmfm: wrote {args.out} ({args.source} weights from {args.src})", file=sys.stderr)
+    if fresh:
+        print(f"mmfm: freshly initialised from {args.base}: {', '.join(fresh)}", file=sys.stderr)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from mmfm.train import TrainConfig, parse_overrides, train
+
+    final = train(TrainConfig.from_file(args.config, parse_overrides(args.overrides)))
+    if final is not None:
+        print(f"model: {final}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from mmfm.train.evaluate import evaluate_manifest
+
+    metrics, samples = evaluate_manifest(args.model, args.data, args.config, args.batch_size, args.samples)
+    for name, value in metrics.items():
+        print(f"{name}: {value:.4f}")
+    for line in samples:
+        print(line.translate(_LINE_ESCAPES))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2))
 
 
 def _is_checkpoint(spec: str) -> bool:
@@ -270,7 +488,7 @@ def _is_checkpoint(spec: str) -> bool:
 
 def _load_model(spec: str) -> MultimodalModel:
     """A saved checkpoint (`mmfm.load`), or a preset or YAML config with random weights (`mmfm.create_model`)."""
-    if _is_checkpoint(spec):
+    if _is_checkpoint(spec) or spec in mmfm.list_pretrained():
         return mmfm.load(spec)
     model = mmfm.create_model(spec).eval()
     print(

@@ -17,8 +17,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -58,10 +60,20 @@ class ImageEncoderConfig:
         width: token width (timm's embed_dim).
         depth: number of transformer blocks.
         num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width over token width.
+        pre_norm: a LayerNorm after the embeddings, before the blocks (CLIP's `ln_pre`; its patch embedding then
+            has no bias, as in timm).
         in_chans: input channels; images are converted to RGB for 3 and to L for 1.
         class_token: whether the ViT has a class token.
         reg_tokens: number of register tokens.
         keep_prefix_tokens: hand class/register tokens to the projector too (False drops them).
+        global_pool: how `ImageEncoder.forward_pooled` pools the tokens into one vector per image, the image
+            embedding when `contrastive.source.image` is "tower": "token" (class token), "avg", "avgmax", "max" or
+            "map" (attention pooling); timm's rules apply ("avg" moves the final norm after the pooling unless the
+            named model says otherwise). None leaves the encoder without a pooled output ("token" for distilled
+            DeiT).
+        head_dim: width of a linear head after the pooling (CLIP's visual projection); 0 means no head.
+        head_bias: whether that head has a bias (CLIP's projection has none).
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
         crop_pct: centre-crop fraction; the image is resized to img_size / crop_pct first.
@@ -75,10 +87,15 @@ class ImageEncoderConfig:
     width: int | None = None
     depth: int | None = None
     num_heads: int | None = None
+    mlp_ratio: float | None = None
+    pre_norm: bool | None = None
     in_chans: int = 3
     class_token: bool = True
     reg_tokens: int = 0
     keep_prefix_tokens: bool = False
+    global_pool: Literal["token", "avg", "avgmax", "max", "map"] | None = None
+    head_dim: int = 0
+    head_bias: bool = True
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     crop_pct: float | None = None
@@ -111,6 +128,8 @@ class AudioEncoderConfig:
         width: token width (timm's embed_dim).
         depth: number of transformer blocks.
         num_heads: attention heads per block.
+        norm_eps: LayerNorm epsilon of the blocks and final norm; None keeps timm's (1e-6). Hugging Face's
+            AST checkpoints use 1e-12.
         class_token: whether the ViT has a class token.
         reg_tokens: number of register (AST: distillation) tokens.
         keep_prefix_tokens: hand class/register tokens to the projector too (False drops them).
@@ -134,6 +153,7 @@ class AudioEncoderConfig:
     width: int | None = None
     depth: int | None = None
     num_heads: int | None = None
+    norm_eps: float | None = None
     class_token: bool = True
     reg_tokens: int = 0
     keep_prefix_tokens: bool = False
@@ -141,16 +161,75 @@ class AudioEncoderConfig:
 
 
 @dataclass
-class TextConfig:
-    """Tokenizer and text length policy.
+class TextTowerConfig:
+    """A pretrained-style text transformer that embeds a text on its own, outside the backbone.
+
+    Dual-tower models (CLIP, sentence encoders) embed text with their own transformer; mmfm keeps that
+    transformer as `towers.text` and uses its pooled output as the text embedding when
+    `contrastive.source.text` is "tower". Built by `mmfm.encoders.text_tower.TextTower`.
 
     Attributes:
-        tokenizer: "clip" (open_clip's CLIP BPE, shipped with open_clip, works offline) or "byte" (UTF-8 bytes).
-        max_length: most tokens per text, BOS and EOS included; longer texts lose tokens from the end, EOS kept.
+        kind: "clip" (pre-norm blocks, causal attention, a final LayerNorm: CLIP's text transformer) or "bert"
+            (post-norm blocks, bidirectional attention over the real tokens, LayerNorm on the embeddings, token
+            type embeddings: BERT and the sentence encoders built on it).
+        vocab_size: rows of the token embedding; must equal the tokenizer's vocabulary size.
+        context_length: learned positions; texts may have at most this many tokens.
+        width: token width.
+        depth: number of blocks.
+        num_heads: attention heads per block; must divide width.
+        mlp_dim: MLP hidden width; None means 4 * width.
+        act: MLP activation: "gelu" (exact), "gelu_tanh" (tanh approximation) or "quick_gelu" (OpenAI CLIP's).
+        norm_eps: LayerNorm epsilon (CLIP 1e-5, BERT 1e-12).
+        type_vocab_size: token type embeddings ("bert" only; every token has type 0).
+        pooling: one vector per text: "eot" (the last real token: CLIP's end-of-text), "cls" (the first token)
+            or "mean" (the mean over real tokens: sentence-transformers' mean pooling).
+        embed_dim: width of a bias-free linear projection after the pooling (CLIP's text projection); None
+            means no projection, the embedding is the pooled token.
     """
 
-    tokenizer: Literal["clip", "byte"] = "clip"
+    kind: Literal["clip", "bert"] = "clip"
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    mlp_dim: int | None = None
+    act: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"
+    norm_eps: float = 1e-5
+    type_vocab_size: int = 2
+    pooling: Literal["eot", "cls", "mean"] = "eot"
+    embed_dim: int | None = 512
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the tower's pooled (and projected) output."""
+        return self.embed_dim or self.width
+
+
+@dataclass
+class TextConfig:
+    """Tokenizer, text length policy and an optional text tower.
+
+    Attributes:
+        tokenizer: "clip" (open_clip's CLIP BPE, shipped with open_clip, works offline), "byte" (UTF-8 bytes) or
+            "wordpiece" (BERT's WordPiece over the vocabulary file `vocab`).
+        max_length: most tokens per text, BOS and EOS included; longer texts lose tokens from the end, EOS kept.
+        vocab: the "wordpiece" vocabulary file: BERT's vocab.txt (one token per line) or a Hugging Face
+            tokenizer.json with a WordPiece model. A relative path in a YAML file is relative to that file's
+            directory; `save_pretrained` writes the vocabulary next to the weights as `vocab.txt` and the saved
+            config says `vocab: vocab.txt`, so a checkpoint directory is self-contained.
+        lowercase: "wordpiece": lowercase the text first (an uncased model).
+        strip_accents: "wordpiece": remove accents; None follows `lowercase`, as BERT does.
+        tower: a text transformer of its own for text embeddings (CLIP's text tower, a sentence encoder); None
+            means text is embedded only through the backbone.
+    """
+
+    tokenizer: Literal["clip", "byte", "wordpiece"] = "clip"
     max_length: int = 77
+    vocab: str | None = None
+    lowercase: bool = True
+    strip_accents: bool | None = None
+    tower: TextTowerConfig | None = None
 
 
 @dataclass
@@ -223,20 +302,109 @@ class ClassifyHeadConfig:
 
 
 @dataclass
+class EmbeddingSourceConfig:
+    """Where each modality's contrastive embedding comes from.
+
+    "backbone": the modality's segment is read by the backbone, pooled and projected by the contrastive head
+    (mmfm's own path). "tower": the modality's encoder embeds it on its own, as a dual-tower model does: the
+    text tower's pooled output (`text.tower`), or the image encoder's pooled head (`image.global_pool`,
+    `image.head_dim`). Modalities may differ, e.g. a frozen pretrained text tower with images through the backbone.
+
+    Attributes:
+        text: "backbone" or "tower".
+        image: "backbone" or "tower".
+        audio: "backbone" (audio has no tower).
+    """
+
+    text: Literal["backbone", "tower"] = "backbone"
+    image: Literal["backbone", "tower"] = "backbone"
+    audio: Literal["backbone"] = "backbone"
+
+
+@dataclass
 class ContrastiveHeadConfig:
     """Unit embeddings per modality for retrieval and zero-shot classification.
 
     Attributes:
-        embed_dim: embedding width.
+        embed_dim: embedding width; a "tower" source must output exactly this width.
         init_temperature: initial softmax temperature of the InfoNCE logits (learned unless frozen).
         learn_temperature: whether the temperature is trained.
         templates: zero-shot prompt templates; each "{}" is replaced by a label and the embeddings averaged.
+        source: per modality, "backbone" (pool + project backbone states) or "tower" (the encoder's own embedding).
     """
 
     embed_dim: int = 512
     init_temperature: float = 0.07
     learn_temperature: bool = True
     templates: list[str] = field(default_factory=lambda: ["{}"])
+    source: EmbeddingSourceConfig = field(default_factory=EmbeddingSourceConfig)
+
+
+@dataclass
+class DiffusionHeadConfig:
+    """Image generation: a diffusers denoiser cross-attending to the backbone states of the condition.
+
+    The denoiser's cross-attention width is `backbone.dim`. In latent space the denoiser works on the latents of
+    a frozen diffusers `AutoencoderKL` read from `vae_path`; that VAE is not saved with the model (see
+    `mmfm.heads.diffusion`). The noise schedule fields are diffusers' scheduler arguments and are shared by
+    training and every sampler.
+
+    Attributes:
+        space: "pixel" (the denoiser works on pixels: small images) or "latent" (on VAE latents: larger ones).
+        architecture: "unet" (diffusers `UNet2DConditionModel`) or "dit" (diffusers `PixArtTransformer2DModel`).
+        image_size: side of the square images generated and trained on, in pixels.
+        channels: pixel channels: 1 (greyscale) or 3 (RGB).
+        vae_path: local diffusers `AutoencoderKL` directory (save_pretrained layout); latent space only.
+        block_out_channels: UNet channels per resolution level; every level but the last halves the size.
+        layers_per_block: UNet ResNet layers per level.
+        attention_head_dim: channels per attention head (UNet levels and DiT blocks).
+        norm_num_groups: UNet GroupNorm groups; must divide every entry of block_out_channels.
+        dit_width: DiT token width.
+        dit_depth: DiT transformer blocks.
+        patch_size: DiT patch side, in pixels (or latent pixels).
+        prediction_type: what the denoiser predicts: "epsilon" (the noise) or "v_prediction" (the velocity).
+        num_train_timesteps: noise levels of the training schedule.
+        beta_schedule: diffusers beta schedule: "linear", "scaled_linear" or "squaredcos_cap_v2" (cosine).
+        beta_start: first beta of the linear schedules.
+        beta_end: last beta of the linear schedules.
+        timestep_spacing: how samplers pick their timesteps: "trailing" (starts from the noisiest), "leading"
+            or "linspace", as in diffusers.
+        cond_dropout: fraction of training examples whose condition is replaced by the learned null condition,
+            which classifier-free guidance needs (0 disables guidance's unconditional branch training).
+        scheduler: default sampler: "ddpm", "ddim", "dpmsolver++" (multistep DPM-Solver++) or "euler".
+        num_inference_steps: default number of sampling steps.
+        guidance_scale: default classifier-free guidance scale; 1 means no guidance.
+    """
+
+    space: Literal["pixel", "latent"] = "pixel"
+    architecture: Literal["unet", "dit"] = "unet"
+    image_size: int = 32
+    channels: int = 3
+    vae_path: str | None = None
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    layers_per_block: int = 2
+    attention_head_dim: int = 32
+    norm_num_groups: int = 32
+    dit_width: int = 384
+    dit_depth: int = 12
+    patch_size: int = 2
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
+    cond_dropout: float = 0.1
+    scheduler: Literal["ddpm", "ddim", "dpmsolver++", "euler"] = "dpmsolver++"
+    num_inference_steps: int = 25
+    guidance_scale: float = 3.0
+
+    @property
+    def downsampling_factor(self) -> int:
+        """How many times smaller than its input the denoiser's coarsest grid is: sizes must be multiples of it."""
+        if self.architecture == "dit":
+            return self.patch_size
+        return 2 ** (len(self.block_out_channels) - 1)
 
 
 @dataclass
@@ -251,13 +419,14 @@ class ModelConfig:
     caption: CaptionHeadConfig | None = field(default_factory=CaptionHeadConfig)
     classify: ClassifyHeadConfig | None = None
     contrastive: ContrastiveHeadConfig | None = field(default_factory=ContrastiveHeadConfig)
+    image_gen: DiffusionHeadConfig | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
         return tuple(m for m in MODALITIES if m == "text" or getattr(self, m) is not None)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -287,18 +456,29 @@ class ModelConfig:
             data = dict(data)
             base = get_preset(data.pop("preset")).to_dict()
             data = merge(base, data)
-        return cls.from_dict(data, str(path))
+        config = cls.from_dict(data, str(path))
+        vocab = config.text.vocab
+        if vocab is not None and not Path(vocab).is_absolute():  # relative to the YAML file, not to the caller
+            config.text.vocab = str((path.parent / vocab).absolute())
+        return config
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "<overrides>") -> ModelConfig:
         """A new config with nested (`{"backbone": {"depth": 2}}`) or dotted (`{"backbone.depth": 2}`) overrides."""
-        nested: dict[str, Any] = {}
-        for key, value in overrides.items():
-            *parents, leaf = key.split(".")
-            node = nested
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        return ModelConfig.from_dict(merge(self.to_dict(), nested), source)
+        return ModelConfig.from_dict(merge(self.to_dict(), nest_dotted(overrides, source)), source)
+
+
+def nest_dotted(overrides: dict[str, Any], source: str = "<overrides>") -> dict[str, Any]:
+    """`{"backbone.depth": 2, "text": {...}}` -> `{"backbone": {"depth": 2}, "text": {...}}`."""
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: override '{key}': '{part}' is set to a value, not a section")
+        node[leaf] = value
+    return nested
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -338,6 +518,8 @@ def validate(config: ModelConfig, source: str = "<config>") -> None:
         media = getattr(config, name)
         if media is not None and media.projector.num_tokens < 0:
             fail(f"{name}.projector.num_tokens must be >= 0, got {media.projector.num_tokens}")
+    if config.image is not None and config.image.head_dim < 0:
+        fail(f"image.head_dim must be >= 0, got {config.image.head_dim}")
     audio = config.audio
     if audio is not None:
         if audio.sample_rate <= 0:
@@ -363,13 +545,105 @@ def validate(config: ModelConfig, source: str = "<config>") -> None:
             fail(f"contrastive.init_temperature must be positive, got {config.contrastive.init_temperature}")
         if not all("{}" in t for t in config.contrastive.templates) or not config.contrastive.templates:
             fail('contrastive.templates must be a non-empty list of strings that each contain "{}"')
+    if config.image_gen is not None:
+        _validate_image_gen(config.image_gen, fail)
+    _validate_text(config.text, fail)
+    _validate_sources(config, fail)
 
 
-def _to_plain(value: Any) -> Any:
+def _validate_text(text: TextConfig, fail: Callable[[str], None]) -> None:
+    """Tokenizer files and the text tower's shape; the vocabulary file itself is read when the model is built."""
+    if text.tokenizer == "wordpiece" and not text.vocab:
+        fail("text.tokenizer 'wordpiece' needs text.vocab, the path of its vocab.txt")
+    if text.tokenizer != "wordpiece" and text.vocab is not None:
+        fail(f"text.vocab is read only by the 'wordpiece' tokenizer, but text.tokenizer is {text.tokenizer!r}")
+    tower = text.tower
+    if tower is None:
+        return
+    for key in ("vocab_size", "context_length", "width", "depth", "num_heads"):
+        if getattr(tower, key) <= 0:
+            fail(f"text.tower.{key} must be positive, got {getattr(tower, key)}")
+    if tower.width % tower.num_heads:
+        fail(f"text.tower.num_heads ({tower.num_heads}) must divide text.tower.width ({tower.width})")
+    if tower.embed_dim is not None and tower.embed_dim <= 0:
+        fail(f"text.tower.embed_dim must be positive or null, got {tower.embed_dim}")
+    if text.max_length > tower.context_length:
+        fail(f"text.max_length ({text.max_length}) exceeds text.tower.context_length ({tower.context_length})")
+
+
+def _validate_sources(config: ModelConfig, fail: Callable[[str], None]) -> None:
+    """A "tower" embedding source needs that tower; widths that only the built encoder knows are checked there."""
+    if config.contrastive is None:
+        return
+    source = config.contrastive.source
+    if source.text == "tower":
+        if config.text.tower is None:
+            fail("contrastive.source.text is 'tower' but text.tower is not set")
+        if config.text.tower.out_dim != config.contrastive.embed_dim:
+            fail(
+                f"contrastive.source.text is 'tower': text.tower outputs {config.text.tower.out_dim} wide embeddings "
+                f"but contrastive.embed_dim is {config.contrastive.embed_dim}"
+            )
+    if source.image == "tower":
+        if config.image is None:
+            fail("contrastive.source.image is 'tower' but the model has no image encoder")
+        if config.image.global_pool is None:
+            fail("contrastive.source.image is 'tower' but image.global_pool is not set (e.g. 'token' or 'avg')")
+
+
+def _validate_image_gen(gen: DiffusionHeadConfig, fail: Callable[[str], None]) -> None:
+    """The image_gen checks that need no file: sizes the denoiser can make, a sane schedule and sampler defaults."""
+    for key in ("image_size", "layers_per_block", "attention_head_dim", "num_train_timesteps"):
+        if getattr(gen, key) <= 0:
+            fail(f"image_gen.{key} must be positive, got {getattr(gen, key)}")
+    if gen.channels not in (1, 3):
+        fail(f"image_gen.channels must be 1 (greyscale) or 3 (RGB), got {gen.channels}")
+    if gen.architecture == "unet":
+        if not gen.block_out_channels or min(gen.block_out_channels) <= 0:
+            fail(f"image_gen.block_out_channels must be a non-empty list of positive widths: {gen.block_out_channels}")
+        for width in gen.block_out_channels:
+            if width % gen.attention_head_dim or width % gen.norm_num_groups:
+                fail(
+                    f"image_gen.attention_head_dim ({gen.attention_head_dim}) and image_gen.norm_num_groups "
+                    f"({gen.norm_num_groups}) must divide every image_gen.block_out_channels entry, got {width}"
+                )
+        factor = f"the UNet's downsampling factor {gen.downsampling_factor} (2 ** (len(block_out_channels) - 1))"
+    else:
+        for key in ("dit_width", "dit_depth", "patch_size"):
+            if getattr(gen, key) <= 0:
+                fail(f"image_gen.{key} must be positive, got {getattr(gen, key)}")
+        if gen.dit_width % gen.attention_head_dim:
+            head_dim = gen.attention_head_dim
+            fail(f"image_gen.attention_head_dim ({head_dim}) must divide image_gen.dit_width ({gen.dit_width})")
+        factor = f"the DiT's image_gen.patch_size ({gen.patch_size})"
+    if gen.space == "pixel":
+        if gen.vae_path is not None:
+            fail("image_gen.vae_path is only read in latent space; set image_gen.space: latent or drop vae_path")
+        if gen.image_size % gen.downsampling_factor:
+            fail(f"image_gen.image_size ({gen.image_size}) must be a multiple of {factor}")
+    elif not gen.vae_path:
+        fail("image_gen.space is latent, so image_gen.vae_path must name a diffusers AutoencoderKL directory")
+    if gen.beta_schedule != "squaredcos_cap_v2" and not 0 < gen.beta_start < gen.beta_end < 1:
+        fail(
+            f"image_gen.beta_start ({gen.beta_start}) and beta_end ({gen.beta_end}) need 0 < beta_start < beta_end < 1"
+        )
+    if not 0.0 <= gen.cond_dropout < 1.0:
+        fail(f"image_gen.cond_dropout must be in [0, 1), got {gen.cond_dropout}")
+    if not 1 <= gen.num_inference_steps <= gen.num_train_timesteps:
+        fail(
+            f"image_gen.num_inference_steps must be in [1, num_train_timesteps={gen.num_train_timesteps}], "
+            f"got {gen.num_inference_steps}"
+        )
+    if not 0.0 <= gen.guidance_scale < math.inf:
+        fail(f"image_gen.guidance_scale must be a finite number >= 0 (1: no guidance), got {gen.guidance_scale}")
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclass-asdict output with tuples turned into lists, as YAML writes them."""
     if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value
 
 
@@ -404,6 +678,10 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return dict(value)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")

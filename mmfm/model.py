@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from mmfm.backbone import Backbone
@@ -17,6 +19,7 @@ from mmfm.encoders.audio import AudioEncoder
 from mmfm.encoders.audio_processor import AudioProcessor
 from mmfm.encoders.image_processor import ImageProcessor
 from mmfm.encoders.text import TextEncoder
+from mmfm.encoders.text_tower import TextTower
 from mmfm.encoders.tokenizers import build_tokenizer
 from mmfm.encoders.vision import ImageEncoder
 from mmfm.errors import ConfigError, InputError
@@ -24,6 +27,7 @@ from mmfm.generation import GenerationConfig, generate
 from mmfm.heads.caption import CaptionHead
 from mmfm.heads.classify import ClassifyHead
 from mmfm.heads.contrastive import ContrastiveHead
+from mmfm.heads.diffusion import DiffusionHead, to_pil
 from mmfm.projector import Projector
 from mmfm.sequence import TokenSequence
 
@@ -55,6 +59,10 @@ class Classification:
 class MultimodalModel(nn.Module):
     """Encoders, projectors, backbone and heads, composed by modality- and task-keyed ModuleDicts.
 
+    `towers` holds modality towers that embed outside the backbone (`towers["text"]`: a CLIP text tower or a
+    sentence encoder, from `config.text.tower`); the contrastive head uses them where `config.contrastive.source`
+    says "tower", and the image encoder's own pooled head for a "tower" image source.
+
     Args:
         config: the whole model's config; saved beside every checkpoint.
     """
@@ -78,6 +86,7 @@ class MultimodalModel(nn.Module):
                 projectors[m] = Projector(encoders[m].width, dim, getattr(config, m).projector)
         self.encoders = nn.ModuleDict(encoders)
         self.projectors = nn.ModuleDict(projectors)
+        self.towers = nn.ModuleDict({} if config.text.tower is None else {"text": self._text_tower(config)})
         self.backbone = Backbone(config.backbone)
         heads: dict[str, nn.Module] = {}
         if config.caption is not None:
@@ -85,7 +94,12 @@ class MultimodalModel(nn.Module):
         if config.classify is not None:
             heads["classify"] = ClassifyHead(dim, config.classify)
         if config.contrastive is not None:
-            heads["contrastive"] = ContrastiveHead(dim, config.contrastive, config.modalities)
+            tower_dims = {m: tower.out_dim for m, tower in self.towers.items()}
+            if config.image is not None and config.image.global_pool is not None:  # the image encoder's pooled head
+                tower_dims["image"] = encoders["image"].pooled_dim
+            heads["contrastive"] = ContrastiveHead(dim, config.contrastive, config.modalities, tower_dims)
+        if config.image_gen is not None:
+            heads["image_gen"] = DiffusionHead(dim, config.image_gen)
         self.heads = nn.ModuleDict(heads)
         longest = sum(self.num_media_tokens(m) for m in projectors) + config.text.max_length
         if longest > config.backbone.max_seq_len:
@@ -110,7 +124,7 @@ class MultimodalModel(nn.Module):
         """Parameters per component; a tied weight is counted once, where it is first owned."""
         seen: set[int] = set()
         counts = {}
-        for group in ("encoders", "projectors", "heads"):
+        for group in ("encoders", "projectors", "towers", "heads"):
             for name, module in getattr(self, group).items():
                 counts[f"{group}.{name}"] = _count_new(module, seen)
         counts["backbone"] = _count_new(self.backbone, seen)
@@ -140,11 +154,20 @@ class MultimodalModel(nn.Module):
         attn_mask = None if seq.is_plain_causal else seq.attention_mask()
         return self.backbone(seq.embeds, seq.positions(), attn_mask)
 
-    def caption_loss(self, media: dict[str, Tensor], ids: Tensor, mask: Tensor) -> Tensor:
-        """Next-token loss of (B, T) caption ids given the media (empty for a text-only LM loss)."""
+    def caption_logits(self, media: dict[str, Tensor], ids: Tensor, mask: Tensor) -> Tensor:
+        """(B, T, vocab) teacher-forced next-token logits of (B, T) caption ids given the media."""
         seq = self.sequence(media, ids, mask)
         text = seq.segment("text")
-        return self._head("caption").loss(self.hidden(seq)[:, text.start : text.end], ids, mask)
+        return self._head("caption")(self.hidden(seq)[:, text.start : text.end])
+
+    def caption_loss(self, media: dict[str, Tensor], ids: Tensor, mask: Tensor, reduction: str = "mean") -> Tensor:
+        """Next-token loss of (B, T) caption ids given the media (empty for a text-only LM loss).
+
+        `reduction` is "mean" over predicted tokens or "sum" (for normalising over a larger batch).
+        """
+        seq = self.sequence(media, ids, mask)
+        text = seq.segment("text")
+        return self._head("caption").loss(self.hidden(seq)[:, text.start : text.end], ids, mask, reduction)
 
     def classify_logits(self, media: dict[str, Tensor]) -> Tensor:
         """(B, num_classes) logits of the trained head, pooled over all media tokens."""
@@ -152,10 +175,79 @@ class MultimodalModel(nn.Module):
         return self._head("classify")(self.hidden(seq), seq.mask)
 
     def embed_tensors(self, modality: str, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """(B, E) unit embeddings of processed media, or of (B, T) right-padded text ids with their mask."""
+        """(B, E) unit embeddings of processed media, or of (B, T) right-padded text ids with their mask.
+
+        From the backbone, or from the modality's own tower where `config.contrastive.source` says "tower".
+        """
         head = self._head("contrastive")
+        if head.sources.get(modality) == "tower":
+            if modality == "text":
+                mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask
+                return head.from_tower(self.towers["text"](x, mask))
+            return head.from_tower(self.encoders[modality].forward_pooled(x))
         seq = self.sequence(ids=x, mask=mask) if modality == "text" else self.sequence({modality: x})
         return head(modality, self.hidden(seq), seq.mask)
+
+    def image_gen_condition(
+        self, media: dict[str, Tensor] | None = None, ids: Tensor | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(B, L, D) backbone states of a conditioning sequence (media, then text) and its (B, L) mask.
+
+        Text ids are right-padded with EOS, as `model.tokenizer(texts, config.text.max_length)` makes them.
+        """
+        seq = self.sequence(media, ids, mask)
+        return self.hidden(seq), seq.mask
+
+    def image_gen_targets(self, pixels: Tensor) -> Tensor:
+        """Image-encoder pixels -> the image_gen head's training targets.
+
+        Undoes the image processor's normalisation (its mean and std) to [0, 1], resizes (antialiased,
+        bilinear) to `image_gen.image_size`, converts to `image_gen.channels` (RGB to grey with ITU-R 601-2
+        luma, as PIL does; grey to RGB by repetition) and scales to [-1, 1].
+
+        Args:
+            pixels: (B, C, H, W) what `model.processors["image"]` returns, C the image encoder's channels.
+
+        Returns:
+            (B, image_gen.channels, image_gen.image_size, image_gen.image_size) images in [-1, 1].
+        """
+        gen = self._head("image_gen").config
+        self._require_modality("image")
+        data_config = self.processors["image"].data_config
+        stats = [torch.tensor(data_config[k], dtype=pixels.dtype, device=pixels.device) for k in ("mean", "std")]
+        mean, std = (x.view(1, -1, 1, 1) for x in stats)
+        if pixels.dim() != 4 or pixels.shape[1] != mean.shape[1]:
+            raise InputError(f"pixels must be (B, {mean.shape[1]}, H, W) encoder input, got {tuple(pixels.shape)}")
+        images = (pixels * std + mean).clamp(0, 1)  # (B, C, H, W) in [0, 1]
+        size = gen.image_size
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
+        if images.shape[1] == 3 and gen.channels == 1:
+            luma = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype, device=images.device)
+            images = (images * luma.view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        elif images.shape[1] == 1 and gen.channels == 3:
+            images = images.expand(-1, 3, -1, -1)
+        return images * 2 - 1
+
+    def image_gen_loss(
+        self,
+        media: dict[str, Tensor] | None,
+        ids: Tensor | None,
+        mask: Tensor | None,
+        target: Tensor,
+        reduction: str = "mean",
+    ) -> Tensor:
+        """The image_gen head's denoising loss for target images under a conditioning sequence.
+
+        Args:
+            media: processed media of the condition ({"image": ..., "audio": ...}), or None for text alone.
+            ids: (B, T) right-padded text ids of the condition, or None.
+            mask: (B, T) their mask.
+            target: (B, channels, image_size, image_size) images in [-1, 1], e.g. from `image_gen_targets`.
+            reduction: "mean" over images (of each image's mean squared error) or "sum".
+        """
+        cond, cond_mask = self.image_gen_condition(media, ids, mask)
+        return self._head("image_gen").loss(cond, cond_mask, target, reduction)
 
     # ---- the user API: raw inputs in, Python values out ----
 
@@ -179,8 +271,14 @@ class MultimodalModel(nn.Module):
         Returns:
             The generated text of every item, without the prompt.
         """
+        return self.caption_tensors(self._process(images=images, audio=audio), prompt, **generation)
+
+    @torch.no_grad()
+    def caption_tensors(
+        self, media: dict[str, Tensor], prompt: str | Sequence[str] | None = None, **generation: Any
+    ) -> list[str]:
+        """`caption` for already processed media: {"image": (B, C, H, W), "audio": (B, frames, mel)}."""
         self._head("caption")
-        media = self._process(images=images, audio=audio)
         batch = _batch_size(media, prompt)
         prompts = [prompt] * batch if prompt is None or isinstance(prompt, str) else list(prompt)
         if len(prompts) != batch:
@@ -247,6 +345,74 @@ class MultimodalModel(nn.Module):
         modality, x = self._one_modality(images=images, audio=audio)
         return self.embed_tensors(modality, x).cpu()
 
+    @torch.no_grad()
+    def generate_image(
+        self,
+        text: str | Sequence[str] | None = None,
+        audio: Sequence[Any] | None = None,
+        images: Sequence[Any] | None = None,
+        num_images: int = 1,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        scheduler: str | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        image_size: int | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Generates images conditioned on texts, audio clips or images (variations), or several of them together.
+
+        Each item (a text, a clip, an image, or one of each at the same index) is one condition: the backbone
+        reads its sequence, and the image_gen head's denoiser cross-attends to the resulting states.
+
+        Args:
+            text: one prompt or a list of prompts.
+            audio: paths or (waveform, sample_rate) pairs.
+            images: paths, PIL images, arrays or tensors, for image variations.
+            num_images: images per condition; the output holds them adjacently, condition by condition.
+            guidance_scale: classifier-free guidance scale >= 0, 1 for none (default `image_gen.guidance_scale`).
+            num_inference_steps: denoising steps (default `image_gen.num_inference_steps`).
+            scheduler: "ddpm", "ddim", "dpmsolver++" or "euler" (default `image_gen.scheduler`).
+            seed: makes the images reproducible; give this or `generator`, not both.
+            generator: a torch generator for the noise (None and no seed: torch's global RNG).
+            image_size: side of the images (default `image_gen.image_size`).
+            batch_size: most images denoised at once (default: all of them).
+            progress: show a progress bar over the denoising steps.
+
+        Returns:
+            len(conditions) * num_images PIL images (mode L or RGB, by `image_gen.channels`).
+        """
+        head = self._head("image_gen")
+        if seed is not None and generator is not None:
+            raise InputError("pass seed= or generator=, not both")
+        media = self._process(audio=audio, images=images)
+        ids = mask = None
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            ids, mask = self.tokenizer(texts, self.config.text.max_length)
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            if media and next(iter(media.values())).shape[0] != len(texts):
+                raise InputError(f"got {len(texts)} texts for {next(iter(media.values())).shape[0]} media items")
+        elif not media:
+            raise InputError("generate_image needs text=, audio= or images= to condition on")
+        if seed is not None:
+            generator = torch.Generator(self.device).manual_seed(seed)
+        cond, cond_mask = self.image_gen_condition(media, ids, mask)
+        pixels = head.sample(
+            cond,
+            cond_mask,
+            scheduler=scheduler,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            num_images=num_images,
+            image_size=image_size,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        return to_pil(pixels)
+
     def save_pretrained(self, directory: str | Path) -> None:
         """Writes `config.yaml` and `model.safetensors` (sharded when large) into `directory`."""
         from mmfm.checkpoint import save_pretrained
@@ -258,6 +424,14 @@ class MultimodalModel(nn.Module):
     def _embed_text(self, texts: list[str]) -> Tensor:
         ids, mask = self.tokenizer(texts, self.config.text.max_length)
         return self.embed_tensors("text", ids.to(self.device), mask.to(self.device))
+
+    def _text_tower(self, config: ModelConfig) -> TextTower:
+        if config.text.tower.vocab_size != self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"{config.name}: text.tower.vocab_size ({config.text.tower.vocab_size}) differs from the "
+                f"{config.text.tokenizer!r} tokenizer's vocabulary ({self.tokenizer.vocab_size} ids)"
+            )
+        return TextTower(config.text.tower)
 
     def _process(self, **inputs: Sequence[Any] | None) -> dict[str, Tensor]:
         media = {}

@@ -8,6 +8,7 @@ from mmfm.config import (
     CaptionHeadConfig,
     ClassifyHeadConfig,
     ContrastiveHeadConfig,
+    DiffusionHeadConfig,
     ImageEncoderConfig,
     ModelConfig,
     ProjectorConfig,
@@ -38,6 +39,14 @@ def mmfm_test() -> ModelConfig:
         caption=CaptionHeadConfig(max_new_tokens=16),
         classify=ClassifyHeadConfig(labels=[str(i) for i in range(10)]),
         contrastive=ContrastiveHeadConfig(embed_dim=32),
+        image_gen=DiffusionHeadConfig(
+            image_size=16,
+            block_out_channels=[8, 16],
+            layers_per_block=1,
+            attention_head_dim=8,
+            norm_num_groups=4,
+            num_inference_steps=10,
+        ),
     )
 
 
