@@ -58,7 +58,7 @@ class HandLoop:
         self.model.train()
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = warmup_cosine(self.optimizer, config.optim, config.steps)
-        self.tasks = TaskMixer(config.tasks, config.seed)
+        self.tasks = TaskMixer(config.tasks, config.seed, config.mixing)
         self.loader = trainer.loader  # same dataset, collate and sampler settings
         self.batches = iter(self.loader)
         self.clip = config.optim.grad_clip
@@ -71,22 +71,25 @@ class HandLoop:
             return next(self.batches)
 
     def step(self) -> float:
-        task, b, model = self.tasks.sample(), self.batch(), self.model
-        if task.objective == "caption":
-            (m,) = task.inputs
-            loss = model.caption_loss({m: getattr(b, m)}, b.caption_ids, b.caption_mask)
-        elif task.objective == "classify":
-            loss = model.heads["classify"].loss(model.classify_logits({"image": b.image}), b.label)
-        else:
-            image = model.embed_tensors("image", b.image)
-            text = model.embed_tensors("text", b.caption_ids, b.caption_mask)
-            loss = model.heads["contrastive"].loss(image, text)
+        b, model = self.batch(), self.model
+        loss = sum(task.weight * self.task_loss(task, b) for task in self.tasks.sample())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def task_loss(self, task, b) -> torch.Tensor:
+        model = self.model
+        if task.objective == "caption":
+            (m,) = task.inputs
+            return model.caption_loss({m: getattr(b, m)}, b.caption_ids, b.caption_mask)
+        if task.objective == "classify":
+            return model.heads["classify"].loss(model.classify_logits({"image": b.image}), b.label)
+        image = model.embed_tensors("image", b.image)
+        text = model.embed_tensors("text", b.caption_ids, b.caption_mask)
+        return model.heads["contrastive"].loss(image, text)
 
 
 def run_steps(step, n: int):
@@ -142,7 +145,7 @@ def main(quick: bool = False) -> list[Result]:
         print(f"\ntrainer vs hand loop: demo recipe, batch {batch}, {steps_per_round} steps/round, {THREADS} threads")
         result = compare(
             {
-                "trainer": run_steps(lambda: trainer.train_step()[1], steps_per_round),
+                "trainer": run_steps(trainer.train_step, steps_per_round),
                 "hand": run_steps(hand.step, steps_per_round),
             },
             rounds=rounds,

@@ -38,8 +38,10 @@ def relabelled_manifest(source: Path, out: Path, relabel, per_class: int | None,
     return out
 
 
-def recipe(model: str, labels: list[str], train_manifest: Path, out_dir: Path, steps: int, seed: int) -> TrainConfig:
-    """The recipe both runs share: the image classifier (a fresh head with the new labels) trained on 20 images."""
+def recipe(
+    model: str, labels: list[str], train_manifest: Path, out_dir: Path, steps: int, shots: int, seed: int
+) -> TrainConfig:
+    """The recipe both runs share: a fresh classifier head with the new labels, every step on all the few shots."""
     return TrainConfig.from_dict(
         {
             "model": model,
@@ -47,7 +49,7 @@ def recipe(model: str, labels: list[str], train_manifest: Path, out_dir: Path, s
             "data": {"train": str(train_manifest)},
             "tasks": [{"name": "new_task", "objective": "classify", "inputs": ["image"]}],
             "steps": steps,
-            "batch_size": 20,
+            "batch_size": shots * len(labels),
             "optim": {"lr": 1e-3, "warmup_steps": 10, "weight_decay": 0.05},
             "seed": seed,
             "out_dir": str(out_dir),
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     accuracy = {}
     # "scratch" builds the pretrained model's architecture (its config.yaml) with random weights
     for name, start in (("pretrained", args.model), ("scratch", str(Path(args.model) / "config.yaml"))):
-        final = train(recipe(start, labels, few, out / name, args.steps, args.seed))
+        final = train(recipe(start, labels, few, out / name, args.steps, args.shots, args.seed))
         metrics, _ = evaluate_manifest(final, held_out, batch_size=128)
         accuracy[name] = metrics["val/new_task/accuracy"]
     print(f"task: {args.task}, {args.shots} labelled images per class, {len(ManifestDataset(held_out))} held out")

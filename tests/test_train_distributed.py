@@ -53,7 +53,7 @@ def test_two_rank_ddp_matches_one_rank_on_the_same_global_batch(make_recipe, tmp
 
 
 def test_two_rank_fsdp2_trains_and_its_checkpoint_loads_in_one_process(make_recipe, tmp_path):
-    recipe = make_recipe("fsdp", steps=4, distributed="fsdp", checkpoint_every=2)
+    recipe = make_recipe("fsdp", steps=4, distributed="fsdp", checkpoint_every=2, mixing="all")
     done = subprocess.run(torchrun(recipe), env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "fsdp"

@@ -115,13 +115,13 @@ def test_warmup_then_cosine_to_the_floor():
 def test_mixer_follows_ratios_and_replays_after_restore():
     tasks = [TaskConfig("a", "caption", ["image"], ratio=3), TaskConfig("b", "classify", ["image"], ratio=1)]
     mixer = TaskMixer(tasks, seed=0)
-    draws = [mixer.sample().name for _ in range(4000)]
+    draws = [mixer.sample()[0].name for _ in range(4000)]
     assert abs(draws.count("a") / 4000 - 0.75) < 0.03
     state = mixer.state_dict()
-    after = [mixer.sample().name for _ in range(50)]
+    after = [mixer.sample()[0].name for _ in range(50)]
     again = TaskMixer(tasks, seed=123)
     again.load_state_dict(state)
-    assert [again.sample().name for _ in range(50)] == after
+    assert [again.sample()[0].name for _ in range(50)] == after
     before = torch.get_rng_state()
     TaskMixer(tasks, seed=0).sample()
     assert torch.equal(before, torch.get_rng_state())  # the global RNG is untouched

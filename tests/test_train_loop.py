@@ -23,6 +23,8 @@ from mmfm.train import TrainConfig, train
 from mmfm.train.checkpointing import list_checkpoints
 from mmfm.train.run_log import read_metrics
 
+TASK_NAMES = ("image_caption", "audio_caption", "digit", "image_text")  # conftest's TRAIN_TASKS
+
 
 def losses(run_dir) -> list[tuple[int, str, float]]:
     series = read_metrics(run_dir / "metrics.csv")
@@ -164,3 +166,42 @@ def test_truncated_trainer_state_is_a_clear_error(make_recipe, tmp_path):
 def test_shipped_recipes_are_valid(recipe):
     config = TrainConfig.from_file(recipe)
     assert config.tasks and config.data.train
+
+
+def test_contrastive_loss_uses_only_rows_with_both_modalities(tiny_digits):
+    from mmfm.data import Collator
+    from mmfm.train.config import TaskConfig
+    from mmfm.train.objectives import build_objective
+
+    torch.manual_seed(0)
+    model = mmfm.create_model("mmfm-test")
+    items = ManifestDataset(tiny_digits / "train.jsonl")
+    full = [items[i] for i in range(6)]
+    partial = [dict(item) for item in full]
+    for item in partial[4:]:
+        del item["caption"], item["captions"]  # two images without text
+    objective = build_objective(TaskConfig("it", "contrastive", ["image", "text"]), model)
+    collate = Collator.from_model(model)
+    kept = objective.loss_sum(model, collate(full[:4])) / 4
+    mixed = collate(partial)
+    assert int(objective.units(mixed)) == 4
+    loss = objective.loss_sum(model, mixed) / 4
+    torch.testing.assert_close(loss, kept)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_mixing_all_trains_every_task_on_every_step(make_recipe, tmp_path):
+    train(TrainConfig.from_file(make_recipe(steps=3, mixing="all")))
+    logged = losses(tmp_path / "run")
+    for step in (1, 2, 3):
+        assert sorted(n for s, n, _ in logged if s == step) == sorted(f"train/{t}/loss" for t in TASK_NAMES)
+
+
+def test_tensorboard_events_and_gradient_checkpointing(make_recipe, tmp_path):
+    plain = train(TrainConfig.from_file(make_recipe("plain", steps=2)))
+    checkpointed = train(TrainConfig.from_file(make_recipe("ckpt", steps=2, grad_checkpointing=True, tensorboard=True)))
+    assert list((tmp_path / "ckpt" / "tensorboard").glob("events.out.tfevents.*"))
+    a, b = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
+    for key in a:  # recomputing activations in backward changes nothing but memory
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)

@@ -141,6 +141,8 @@ class TrainConfig:
         model_overrides: model config fields to change, nested or dotted ({"backbone.depth": 2}).
         data: the datasets.
         tasks: the objectives and how they are mixed.
+        mixing: "sample" trains one task per optimizer step, drawn by `ratio`; "all" sums every task's weighted
+            loss on each batch (`ratio` is then unused).
         optim: optimizer and schedule.
         finetune: initialisation, frozen groups and LoRA.
         steps: optimizer steps.
@@ -166,6 +168,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     tasks: list[TaskConfig] = field(default_factory=list)
+    mixing: Literal["sample", "all"] = "sample"
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     steps: int = 1000

@@ -59,7 +59,7 @@ def evaluate(model, objectives: dict[str, Objective], loader: DataLoader, max_ne
                 counts[f"{name}/accuracy"] += float(rows.sum())
             elif isinstance(objective, ContrastiveObjective):
                 for m in objective.inputs:
-                    retrieval[name][m].append(objective.embeddings(model, batch, m)[rows].float().cpu())
+                    retrieval[name][m].append(objective.embeddings(model, batch, m, rows).float().cpu())
                 retrieval[name]["key"].append(_match_keys(batch, rows).cpu())
     metrics = {f"val/{k}": sums[k] / counts[k] for k in sums if counts[k]}
     for name, parts in retrieval.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
 from torch import Tensor
 
 from mmfm.data import Batch
@@ -96,22 +97,23 @@ class ContrastiveObjective(Objective):
     def needs(self) -> list[str]:
         return [("caption" if m == "text" else m) for m in self.inputs]
 
-    def embeddings(self, model, batch: Batch, modality: str) -> Tensor:
+    def embeddings(self, model, batch: Batch, modality: str, rows: Tensor) -> Tensor:
+        """(n, E) unit embeddings of one modality for the usable rows."""
         if modality == "text":
-            return model.embed_tensors("text", batch.caption_ids, batch.caption_mask)
-        return model.embed_tensors(modality, getattr(batch, modality))
+            return model.embed_tensors("text", batch.caption_ids[rows], batch.caption_mask[rows])
+        return model.embed_tensors(modality, getattr(batch, modality)[rows])
 
     def loss_sum(self, model, batch: Batch, across_ranks: bool = False) -> Tensor:
         rows = self.rows(batch)
-        a, b = (self.embeddings(model, batch, m) for m in self.inputs)
+        a, b = (self.embeddings(model, batch, m, rows) for m in self.inputs)
+        valid = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
         if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            a = torch.cat(dist_fn.all_gather(a))
-            b = torch.cat(dist_fn.all_gather(b))
-            all_rows = [torch.zeros_like(rows) for _ in range(dist.get_world_size())]
-            dist.all_gather(all_rows, rows)
-            valid = torch.cat(all_rows)
-        else:
-            valid = rows
+            # Pad to the local batch size so every rank gathers equal shapes; the padding is masked out.
+            size = len(batch)
+            a, b = (torch.cat(dist_fn.all_gather(F.pad(x, (0, 0, 0, size - x.shape[0])))) for x in (a, b))
+            counts = [torch.zeros_like(rows.sum()) for _ in range(dist.get_world_size())]
+            dist.all_gather(counts, rows.sum())
+            valid = torch.cat([torch.arange(size, device=a.device) < n for n in counts])
         if not valid.any():
             return (a.sum() + b.sum()) * 0.0
         global_loss = model.heads["contrastive"].loss(a[valid], b[valid])

@@ -1,11 +1,11 @@
 """The training loop: one plain PyTorch loop that reads top to bottom.
 
-Each optimizer step the mixer picks a task; `grad_accum` micro-batches are fetched, the task's summed loss
-is divided by the units of the whole step (all micro-batches on all ranks), back-propagated, clipped and
-applied with AdamW under warmup + cosine. Every `eval_every` steps the held-out metrics are computed, every
-`checkpoint_every` steps a checkpoint is written, and a SIGINT/SIGTERM ends the run after the current step
-with a checkpoint. Resuming restores model, optimizer, scheduler, mixer, RNG and data position, so on CPU a
-resumed run reproduces the uninterrupted run's losses exactly.
+Each optimizer step the mixer picks a task (or takes all of them); `grad_accum` micro-batches are fetched, each
+task's summed loss is divided by its units over the whole step (all micro-batches on all ranks), weighted,
+back-propagated, clipped and applied with AdamW under warmup + cosine. Every `eval_every` steps the held-out
+metrics are computed, every `checkpoint_every` steps a checkpoint is written, and a SIGINT/SIGTERM ends the
+run after the current step with a checkpoint. Resuming restores model, optimizer, scheduler, mixer, RNG and
+data position, so on CPU a resumed run reproduces the uninterrupted run's losses exactly.
 """
 
 from __future__ import annotations
@@ -41,15 +41,18 @@ FINAL_NAME = "final"
 
 
 class TaskLosses(nn.Module):
-    """The module DDP/FSDP wrap: `forward(task, batch)` is the task's summed loss on the model."""
+    """The module DDP/FSDP wrap: `forward(scales, batch)` computes the step's tasks on the model."""
 
     def __init__(self, model: MultimodalModel, objectives: dict[str, Objective]):
         super().__init__()
         self.model = model
         self.objectives = objectives
 
-    def forward(self, task: str, batch) -> torch.Tensor:
-        return self.objectives[task].loss_sum(self.model, batch, across_ranks=True)
+    def forward(self, scales: dict[str, float], batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scaled sum of the named tasks' summed losses (to back-propagate), and each summed loss (detached)."""
+        sums = [self.objectives[name].loss_sum(self.model, batch, across_ranks=True) for name in scales]
+        loss = sum(scale * value for scale, value in zip(scales.values(), sums))
+        return loss, torch.stack([value.detach() for value in sums])
 
 
 def build_model(config: TrainConfig) -> tuple[MultimodalModel, list[str]]:
@@ -116,7 +119,7 @@ class Trainer:
         )
         self.optimizer = build_optimizer(self.losses, config.optim)
         self.scheduler = warmup_cosine(self.optimizer, config.optim, config.steps)
-        self.mixer = TaskMixer(config.tasks, config.seed)
+        self.mixer = TaskMixer(config.tasks, config.seed, config.mixing)
         torch.manual_seed(config.seed + 1 + self.env.rank)  # dropout and diffusion noise: one stream per rank
         if resume_from is not None:
             self._restore(load_trainer_state(resume_from))
@@ -202,27 +205,29 @@ class Trainer:
             self.epoch_batches += 1
             return batch.to(self.env.device)
 
-    def train_step(self) -> tuple[str, float]:
-        """One optimizer step on one task; returns the task name and its (unweighted) loss."""
-        task = self.mixer.sample()
-        objective = self.objectives[task.name]
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on the mixer's task(s); returns each task's (unweighted) loss."""
+        tasks = self.mixer.sample()
         micro = [self.next_batch() for _ in range(self.config.grad_accum)]
-        units = D.sum_across_ranks(sum(objective.units(b) for b in micro).double().reshape(()), self.env)
-        total = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        if units > 0:
-            scale = task.weight * self.env.world_size / float(units)  # DDP/FSDP average gradients over ranks
+        counts = torch.stack([sum(self.objectives[t.name].units(b) for b in micro) for t in tasks]).double()
+        units = D.sum_across_ranks(counts, self.env)
+        # DDP/FSDP average gradients over ranks, hence the world size; a task without examples is skipped.
+        scales = {t.name: t.weight * self.env.world_size / float(n) for t, n in zip(tasks, units) if n > 0}
+        totals = torch.zeros(len(scales), dtype=torch.float64, device=self.env.device)
+        if scales:
             for i, batch in enumerate(micro):
                 with self._sync_gradients(i == len(micro) - 1), self._autocast():
-                    loss_sum = self.losses(task.name, batch)
-                (loss_sum * scale).backward()
-                total += loss_sum.detach().double()
+                    loss, sums = self.losses(scales, batch)
+                loss.backward()
+                totals += sums.double()
             if self.config.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.losses.parameters(), self.config.optim.grad_clip)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        loss = D.sum_across_ranks(total, self.env) / units if units > 0 else torch.tensor(float("nan"))
-        return task.name, float(loss)
+        totals = D.sum_across_ranks(totals, self.env)
+        used = units[units > 0]
+        return {name: float(total / n) for name, total, n in zip(scales, totals, used)}
 
     def fit(self) -> Path:
         """Trains to `config.steps`; returns the directory of the final model (`RUN/final`)."""
@@ -240,10 +245,11 @@ class Trainer:
         tick, step = time.perf_counter(), self.start_step
         try:
             for step in range(self.start_step + 1, config.steps + 1):
-                name, loss = self.train_step()
-                window.setdefault(name, []).append(loss)
+                step_losses = self.train_step()
+                for name, loss in step_losses.items():
+                    window.setdefault(name, []).append(loss)
                 bar.update(1)
-                bar.set_postfix({name: f"{loss:.3f}"}, refresh=False)
+                bar.set_postfix({name: f"{loss:.3f}" for name, loss in step_losses.items()}, refresh=False)
                 if step % config.log_every == 0 or step == config.steps:
                     elapsed, tick = time.perf_counter() - tick, time.perf_counter()
                     steps_done = config.log_every if step % config.log_every == 0 else step % config.log_every
