@@ -168,6 +168,7 @@ examples:
   mmfm convert hf_ast/ out/ --from ast                      a Hugging Face AST directory -> out/
   mmfm convert vit.safetensors out/ --from timm --model-name vit_base_patch16_224
   mmfm convert hf_ast/ out/ --from ast --base mmfm-small    the other components from mmfm-small
+  mmfm convert pipeline/ out/ --from diffusers              a diffusers UNet (+ vae/, scheduler/) -> image_gen
 
 SRC is read in its own library's format (safetensors memory-mapped; .pt/.bin/.pth only with
 torch.load(weights_only=True), so nothing is unpickled) and remapped to mmfm keys. The components the

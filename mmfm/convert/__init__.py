@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 # Modules under mmfm.convert whose import registers the built-in converters (add a module here, not in the caller).
-_BUILTIN_MODULES = ("ast", "timm", "open_clip", "hf_bert")
+_BUILTIN_MODULES = ("ast", "timm", "open_clip", "hf_bert", "diffusers")
 
 _CONVERTERS: dict[str, Callable[..., Converted]] = {}
 _HF_MODEL_TYPES: dict[str, str] = {}  # config.json model_type -> source
