@@ -205,3 +205,18 @@ def test_tensorboard_events_and_gradient_checkpointing(make_recipe, tmp_path):
     a, b = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
     for key in a:  # recomputing activations in backward changes nothing but memory
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_max_items_limits_the_held_out_examples(make_recipe, tmp_path, monkeypatch):
+    from mmfm.train import trainer as trainer_module
+
+    seen = []
+    real = trainer_module.evaluate
+
+    def spy(model, objectives, loader):
+        seen.append(sum(len(batch) for batch in loader))
+        return real(model, objectives, loader)
+
+    monkeypatch.setattr(trainer_module, "evaluate", spy)
+    train(TrainConfig.from_file(make_recipe(steps=1, eval_max_items=3)))
+    assert seen == [3]

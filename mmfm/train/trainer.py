@@ -147,7 +147,8 @@ class Trainer:
             self.val_loader = DataLoader(
                 self.val_set,
                 batch_size=max(self.micro_batch, 64),
-                sampler=EpochSampler(len(self.val_set), seed=config.seed, shuffle=False),
+                # the first eval_max_items examples (all when 0), in manifest order
+                sampler=EpochSampler(min(len(self.val_set), config.eval_max_items or len(self.val_set)), shuffle=False),
                 collate_fn=collate,
                 num_workers=config.data.num_workers,
             )
@@ -166,8 +167,6 @@ class Trainer:
         data, model = self.config.data, self.model
         train = ManifestDataset(data.train, on_error=data.on_error)
         val = ManifestDataset(data.val, on_error=data.on_error) if data.val else None
-        if val is not None and self.config.eval_max_items:
-            val = torch.utils.data.Subset(val, range(min(len(val), self.config.eval_max_items)))
         if data.cache_media:
             train = cache_media(train, model.processors)
             val = cache_media(val, model.processors) if val is not None else None
