@@ -442,14 +442,7 @@ class ModelConfig:
     def from_file(cls, path: str | Path) -> ModelConfig:
         """Reads a full config or a preset recipe (a `preset:` key plus overrides) from YAML."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+        data = read_yaml_mapping(path, "config file")
         if "preset" in data:
             from mmfm.registry import get_preset
 
@@ -465,6 +458,19 @@ class ModelConfig:
     def with_overrides(self, overrides: dict[str, Any], source: str = "<overrides>") -> ModelConfig:
         """A new config with nested (`{"backbone": {"depth": 2}}`) or dotted (`{"backbone.depth": 2}`) overrides."""
         return ModelConfig.from_dict(merge(self.to_dict(), nest_dotted(overrides, source)), source)
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds; a missing file, bad YAML or a non-mapping is a ConfigError naming `path`."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
 
 
 def nest_dotted(overrides: dict[str, Any], source: str = "<overrides>") -> dict[str, Any]:

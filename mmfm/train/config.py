@@ -27,7 +27,8 @@ from typing import Any, Literal
 
 import yaml
 
-from mmfm.config import MODALITIES, ConfigError, build_dataclass, merge, nest_dotted, to_plain
+from mmfm.config import MODALITIES, build_dataclass, merge, nest_dotted, read_yaml_mapping, to_plain
+from mmfm.errors import ConfigError
 
 OBJECTIVES = ("caption", "classify", "contrastive", "denoise")
 
@@ -192,16 +193,7 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """Reads a recipe and applies dotted overrides; relative paths in it are relative to the working directory."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: training config not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-        return cls.from_dict(data, str(path), overrides)
+        return cls.from_dict(read_yaml_mapping(Path(path), "training config"), str(path), overrides)
 
     @classmethod
     def from_dict(
