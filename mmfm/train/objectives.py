@@ -136,8 +136,7 @@ class DenoiseObjective(Objective):
         else:
             media, ids, mask = media_of(batch, [source], rows), None, None
         target = model.image_gen_targets(batch.image[rows])
-        # The head's loss is a mean over equally sized images, so times the rows it is their sum.
-        return model.image_gen_loss(media, ids, mask, target) * rows.sum()
+        return model.image_gen_loss(media, ids, mask, target, reduction="sum")
 
 
 OBJECTIVE_CLASSES = {
