@@ -72,7 +72,7 @@ def build_model(config: TrainConfig) -> tuple[MultimodalModel, list[str]]:
     fresh = sorted(k for k in state if k in expected and k.startswith("heads.") and state[k].shape != expected[k].shape)
     for key in fresh:
         del state[key]
-    notes = load_weights(model, state, str(path), strict=False)
+    notes = [n for n in load_weights(model, state, str(path), strict=False) if n.removeprefix("missing: ") not in fresh]
     return model, notes + [f"re-initialised (new shape): {k}" for k in fresh]
 
 
