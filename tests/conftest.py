@@ -1,16 +1,32 @@
 """Test-wide settings."""
 
+import pytest
 import torch
 
 # Test models are tiny: one thread is faster than two, and immune to a busy second core.
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def memory_mapped_from():
+    """memory_mapped_from(path, tensor): whether the tensor's memory lies in a mapping of `path` (mapped, not read)."""
+
+    def check(path, tensor: torch.Tensor) -> bool:
+        for line in open("/proc/self/maps"):
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] == str(path):
+                low, high = (int(x, 16) for x in parts[0].split("-"))
+                if low <= tensor.data_ptr() < high:
+                    return True
+        return False
+
+    return check
+
+
 # ---- training fixtures: a tiny digits set and recipes for the `mmfm-test` model ----
 
 from pathlib import Path  # noqa: E402
 
-import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 TRAIN_TASKS = [

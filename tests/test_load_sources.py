@@ -72,26 +72,16 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
-def _mapped_from(path, tensor: torch.Tensor) -> bool:
-    for line in open("/proc/self/maps"):
-        parts = line.split()
-        if len(parts) >= 6 and parts[5] == str(path):
-            low, high = (int(x, 16) for x in parts[0].split("-"))
-            if low <= tensor.data_ptr() < high:
-                return True
-    return False
-
-
 # ---- meta-device loading ----
 
 
-def test_loading_takes_the_memory_mapped_tensors_and_keeps_buffers_and_ties(saved):
+def test_loading_takes_the_memory_mapped_tensors_and_keeps_buffers_and_ties(saved, memory_mapped_from):
     model, directory = saved
     loaded = mmfm.load(directory)
 
     assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
     weight = loaded.backbone.blocks[0].attn.qkv.weight
-    assert _mapped_from((directory / WEIGHTS_NAME).resolve(), weight)  # assigned, not copied
+    assert memory_mapped_from((directory / WEIGHTS_NAME).resolve(), weight)  # assigned, not copied
     assert weight.requires_grad and not loaded.training
     assert loaded.heads["caption"].lm_head.weight is loaded.encoders["text"].embed.weight
     for (name, a), b in zip(model.named_buffers(), loaded.buffers()):  # RoPE tables are not in the checkpoint
