@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from mmfm.heads.caption import CaptionHead
 from mmfm.heads.classify import ClassifyHead
 from mmfm.heads.contrastive import ContrastiveHead
 from mmfm.heads.diffusion import DiffusionHead, to_pil
+from mmfm.pass_cache import PassCache
 from mmfm.projector import Projector
 from mmfm.sequence import TokenSequence
 
@@ -101,6 +103,7 @@ class MultimodalModel(nn.Module):
         if config.image_gen is not None:
             heads["image_gen"] = DiffusionHead(dim, config.image_gen)
         self.heads = nn.ModuleDict(heads)
+        self._pass_cache: PassCache | None = None  # set within `reusing_passes()`
         longest = sum(self.num_media_tokens(m) for m in projectors) + config.text.max_length
         if longest > config.backbone.max_seq_len:
             raise ConfigError(
@@ -132,10 +135,27 @@ class MultimodalModel(nn.Module):
 
     # ---- tensor-level building blocks (used by the API below and by training) ----
 
+    @contextlib.contextmanager
+    def reusing_passes(self) -> Iterator[PassCache]:
+        """Within the block, an encoder or backbone pass over inputs equal to an earlier pass's is not recomputed.
+
+        The trainer computes every task of a step inside one block, so the image classifier and InfoNCE's image
+        side share one pass over the images, and the gradients of both flow through it. A shared pass also shares
+        its dropout mask. Nested blocks use the outer block's memo.
+        """
+        if self._pass_cache is not None:
+            yield self._pass_cache
+            return
+        self._pass_cache = PassCache()
+        try:
+            yield self._pass_cache
+        finally:
+            self._pass_cache = None
+
     def media_tokens(self, modality: str, x: Tensor) -> Tensor:
         """Processed media (pixels (B, C, H, W) or fbank (B, frames, mel)) -> (B, N, D) shared-space tokens."""
         self._require_modality(modality)
-        return self.projectors[modality](self.encoders[modality](x))
+        return self._pass(("tokens", modality), (x,), lambda: self.projectors[modality](self.encoders[modality](x)))
 
     def sequence(
         self, media: dict[str, Tensor] | None = None, ids: Tensor | None = None, mask: Tensor | None = None
@@ -151,8 +171,12 @@ class MultimodalModel(nn.Module):
 
     def hidden(self, seq: TokenSequence) -> Tensor:
         """(B, L, D) backbone states of a sequence under its attention policy."""
-        attn_mask = None if seq.is_plain_causal else seq.attention_mask()
-        return self.backbone(seq.embeds, seq.positions(), attn_mask)
+
+        def run() -> Tensor:
+            attn_mask = None if seq.is_plain_causal else seq.attention_mask()
+            return self.backbone(seq.embeds, seq.positions(), attn_mask)
+
+        return self._pass(("hidden", seq.segments), (seq.embeds, seq.mask), run)
 
     def caption_logits(self, media: dict[str, Tensor], ids: Tensor, mask: Tensor) -> Tensor:
         """(B, T, vocab) teacher-forced next-token logits of (B, T) caption ids given the media."""
@@ -451,6 +475,14 @@ class MultimodalModel(nn.Module):
         if len(media) != 1:
             raise InputError(f"pass exactly one of {', '.join(f'{k}=' for k in inputs)}; got {len(media)}")
         return next(iter(media.items()))
+
+    def _pass(self, kind: Hashable, inputs: tuple[Tensor, ...], compute: Callable[[], Tensor]) -> Tensor:
+        """`compute()`, or the memo's earlier output for equal inputs within `reusing_passes()`."""
+        if self._pass_cache is None:
+            return compute()
+        # a pass made without gradients, or in the other mode, must not stand in for this one
+        key = (kind, torch.is_grad_enabled(), self.training)
+        return self._pass_cache.get_or_compute(key, inputs, compute)
 
     def _require_modality(self, modality: str) -> None:
         if modality not in MODALITIES:

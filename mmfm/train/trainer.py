@@ -49,8 +49,12 @@ class TaskLosses(nn.Module):
         self.objectives = objectives
 
     def forward(self, scales: dict[str, float], batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scaled sum of the named tasks' summed losses (to back-propagate), and each summed loss (detached)."""
-        sums = [self.objectives[name].loss_sum(self.model, batch, across_ranks=True) for name in scales]
+        """The scaled sum of the named tasks' summed losses (to back-propagate), and each summed loss (detached).
+
+        Tasks that read the same inputs share their encoder and backbone passes (`model.reusing_passes`).
+        """
+        with self.model.reusing_passes():
+            sums = [self.objectives[name].loss_sum(self.model, batch, across_ranks=True) for name in scales]
         loss = sum(scale * value for scale, value in zip(scales.values(), sums))
         return loss, torch.stack([value.detach() for value in sums])
 
