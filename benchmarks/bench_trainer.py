@@ -2,7 +2,9 @@
 
 1. Trainer overhead: `Trainer.train_step` (mixer, global loss normalisation, clipping, schedule) vs a plain
    loop doing the same work by hand - same model config and seed, same batches from the same loader, the same
-   task sequence - as samples/s, interleaved rounds. Target >= 0.95.
+   task sequence, and like the trainer sharing the passes of tasks that read the same inputs
+   (`model.reusing_passes()`) - as samples/s, interleaved rounds. Target >= 0.95. A third side, the hand loop
+   with every task making its own passes, shows what sharing saves (reported).
 2. Data loader: batches/s the demo's loader delivers alone vs batches/s the trainer consumes. Target >= 5.
 3. DDP: samples/s of `torchrun --nproc_per_node=2 -m mmfm train` vs one process on the same recipe (reported).
 
@@ -11,6 +13,7 @@ The recipe is configs/train/demo.yaml on the digits data (written to a temporary
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import subprocess
@@ -50,7 +53,7 @@ def demo_config(data: Path, out_dir: Path, **overrides) -> TrainConfig:
 class HandLoop:
     """The same training a reader would write by hand: pick the task, compute its loss, step."""
 
-    def __init__(self, config: TrainConfig, trainer: Trainer):
+    def __init__(self, config: TrainConfig, trainer: Trainer, share_passes: bool):
         torch.manual_seed(config.seed)
         from mmfm.train.trainer import build_model
 
@@ -62,6 +65,7 @@ class HandLoop:
         self.loader = trainer.loader  # same dataset, collate and sampler settings
         self.batches = iter(self.loader)
         self.clip = config.optim.grad_clip
+        self.share_passes = share_passes
 
     def batch(self):
         try:
@@ -72,7 +76,8 @@ class HandLoop:
 
     def step(self) -> float:
         b, model = self.batch(), self.model
-        loss = sum(task.weight * self.task_loss(task, b) for task in self.tasks.sample())
+        with model.reusing_passes() if self.share_passes else contextlib.nullcontext():
+            loss = sum(task.weight * self.task_loss(task, b) for task in self.tasks.sample())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
         self.optimizer.step()
@@ -81,12 +86,18 @@ class HandLoop:
         return loss.item()
 
     def task_loss(self, task, b) -> torch.Tensor:
+        """Each task's mean loss, every task computing its own passes (the demo's batches hold every field)."""
         model = self.model
+        media = {m: getattr(b, m) for m in task.inputs if m != "text"}
         if task.objective == "caption":
-            (m,) = task.inputs
-            return model.caption_loss({m: getattr(b, m)}, b.caption_ids, b.caption_mask)
+            return model.caption_loss(media, b.caption_ids, b.caption_mask)
         if task.objective == "classify":
-            return model.heads["classify"].loss(model.classify_logits({"image": b.image}), b.label)
+            return model.heads["classify"].loss(model.classify_logits(media), b.label)
+        if task.objective == "denoise":
+            target = model.image_gen_targets(b.image)
+            if "text" in task.inputs:
+                return model.image_gen_loss(None, b.caption_ids, b.caption_mask, target)
+            return model.image_gen_loss(media, None, None, target)
         image = model.embed_tensors("image", b.image)
         text = model.embed_tensors("text", b.caption_ids, b.caption_mask)
         return model.heads["contrastive"].loss(image, text)
@@ -140,20 +151,25 @@ def main(quick: bool = False) -> list[Result]:
         data = write_digits(root / "digits", limit=200 if quick else None)
         config = demo_config(data, root / "run", steps=1000, **({"batch_size": 16} if quick else {}))
         trainer = Trainer(config)
-        hand = HandLoop(config, trainer)
+        hand = HandLoop(config, trainer, share_passes=True)
+        plain = HandLoop(config, trainer, share_passes=False)
         batch = config.batch_size
         print(f"\ntrainer vs hand loop: demo recipe, batch {batch}, {steps_per_round} steps/round, {THREADS} threads")
         result = compare(
             {
                 "trainer": run_steps(trainer.train_step, steps_per_round),
                 "hand": run_steps(hand.step, steps_per_round),
+                "hand_unshared": run_steps(plain.step, steps_per_round),
             },
             rounds=rounds,
         )
         print(result.format("training steps"))
         samples = steps_per_round * batch
-        rates = {side: samples / result.median(side) for side in ("trainer", "hand")}
-        print(f"samples/s: trainer {rates['trainer']:.1f}, hand loop {rates['hand']:.1f}")
+        rates = {side: samples / result.median(side) for side in ("trainer", "hand", "hand_unshared")}
+        print(
+            f"samples/s: trainer {rates['trainer']:.1f}, hand loop {rates['hand']:.1f}, "
+            f"hand loop without shared passes {rates['hand_unshared']:.1f}"
+        )
 
         consumed = steps_per_round / result.median("trainer")  # batches per second the trainer uses
         speedups = [loader_rate(trainer.loader, 20 if quick else 100) / consumed for _ in range(3)]
