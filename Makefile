@@ -14,12 +14,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev,bench]"
 	touch $(STAMP)
 
-# The digits demo: data, training on 2 CPU cores, held-out metrics and sample outputs; all in runs/demo.
+# The digits demo: data, training on 2 CPU cores, held-out metrics, sample outputs and judged generated digits
+# (generated.png, generation.json); all in runs/demo.
 demo: venv
 	$(BIN)/mmfm data digits data/digits
 	rm -rf runs/demo
 	$(BIN)/mmfm train configs/train/demo.yaml
 	$(BIN)/mmfm eval --model runs/demo/final --data data/digits/val.jsonl --samples 4 --out runs/demo/eval.json
+	$(BIN)/python examples/digits_generation.py --model runs/demo/final --data data/digits --out runs/demo
 
 lint: venv
 	$(BIN)/ruff check .

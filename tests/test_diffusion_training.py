@@ -32,3 +32,28 @@ def test_generated_images_follow_the_text_condition():
         assert black.max() < 100 and white.min() > 155, (guidance, brightness)
     contrast = {g: white.mean() - black.mean() for g, (black, white) in means.items()}
     assert contrast[3.0] > contrast[1.0]
+
+
+def test_the_trainer_trains_text_and_sound_to_image_beside_the_other_tasks(make_recipe, tmp_path):
+    from mmfm.train import TrainConfig, train
+    from mmfm.train.run_log import read_metrics
+
+    tasks = [
+        {"name": "image_text", "objective": "contrastive", "inputs": ["image", "text"]},
+        {"name": "audio_classify", "objective": "classify", "inputs": ["audio"]},
+        {"name": "text_to_image", "objective": "denoise", "inputs": ["text"]},
+        {"name": "audio_to_image", "objective": "denoise", "inputs": ["audio"]},
+    ]
+    overrides = {"image_gen": {"image_size": 8, "channels": 1}}
+    recipe = make_recipe(steps=3, tasks=tasks, mixing="all", model_overrides=overrides, checkpoint_every=0)
+    final = train(TrainConfig.from_file(recipe))
+    series = read_metrics(tmp_path / "run" / "metrics.csv")
+    for task in ("text_to_image", "audio_to_image"):
+        assert [step for step, _ in series[f"train/{task}/loss"]] == [1, 2, 3]
+        assert 0 < series[f"val/{task}/loss"][-1][1] < 10
+    torch.manual_seed(0)  # the recipe's seed: the trainer's initial weights
+    untrained = mmfm.create_model("mmfm-test", **overrides).heads["image_gen"].denoiser.state_dict()
+    trained = mmfm.load(final).heads["image_gen"].denoiser.state_dict()
+    # three AdamW steps of lr <= 3e-3 move each weight by at most about 1e-2, and they moved the denoiser
+    change = max(float((trained[k] - untrained[k]).abs().max()) for k in untrained)
+    assert 0 < change < 1.5e-2
