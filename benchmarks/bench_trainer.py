@@ -86,7 +86,7 @@ class HandLoop:
         return loss.item()
 
     def task_loss(self, task, b) -> torch.Tensor:
-        """Each task's mean loss, every task computing its own passes (the demo's batches hold every field)."""
+        """One task's mean loss over the batch (the demo's batches hold every field)."""
         model = self.model
         media = {m: getattr(b, m) for m in task.inputs if m != "text"}
         if task.objective == "caption":

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "model": str(args.model),
         "sampler": f"dpmsolver++, {args.steps} steps",
-        "guidance_scale": args.guidance_scale or model.config.image_gen.guidance_scale,
+        "guidance_scale": model.config.image_gen.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         "images_per_digit": args.per_digit,
         "text_prompt": args.prompt,
         "text_to_image": {
