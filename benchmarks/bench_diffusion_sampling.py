@@ -23,7 +23,11 @@ TARGET = 0.95  # mmfm may take at most ~1.05x the plain loop's time
 
 
 def diffusers_loop(denoiser, scheduler, cond, mask, null, null_mask, steps, guidance, generator, size):
-    """Denoises one batch of conditions the way a diffusers pipeline does; returns images in [0, 1]."""
+    """Denoises one batch of conditions the way a diffusers text-to-image pipeline does; images in [0, 1].
+
+    The null embeddings come first, then the conditions'; the timestep is expanded to one per row, as PixArt's
+    pipeline does (the UNet takes either). The parity tests compare mmfm's sampler with this loop too.
+    """
     embeds, masks = torch.cat([null, cond]), torch.cat([null_mask, mask])
     scheduler.set_timesteps(steps)
     shape = (cond.shape[0], denoiser.config.in_channels, size, size)

@@ -23,6 +23,31 @@ def memory_mapped_from():
     return check
 
 
+@pytest.fixture(scope="session")
+def tiny_vae():
+    """tiny_vae() -> a new tiny diffusers AutoencoderKL: RGB, downsampling factor 2, 4 latent channels, 16 px.
+
+    Its weights come from torch's global RNG, as diffusers initialises them.
+    """
+    from diffusers import AutoencoderKL
+
+    def make() -> AutoencoderKL:
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=16,
+            scaling_factor=0.5,
+        )
+
+    return make
+
+
 # ---- training fixtures: a tiny digits set and recipes for the `mmfm-test` model ----
 
 from pathlib import Path  # noqa: E402

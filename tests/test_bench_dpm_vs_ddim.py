@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,13 +10,10 @@ import torch
 import mmfm
 from mmfm.data.digits import write_digits
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture()
 def bench(monkeypatch):
-    """The benchmark module, imported from the repository, run on one thread like the rest of the tests."""
-    monkeypatch.syspath_prepend(str(REPO))
+    """The benchmark module, run on one thread like the rest of the tests."""
     from benchmarks import bench_dpm_vs_ddim, harness
 
     monkeypatch.setattr(harness, "THREADS", 1)

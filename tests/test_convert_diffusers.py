@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch.testing import assert_close
 
 import mmfm
@@ -62,22 +62,13 @@ def pixel_pipeline(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def latent_pipeline(tmp_path_factory):
+def latent_pipeline(tmp_path_factory, tiny_vae):
     """A pipeline directory: unet/ (4 latent channels, 8 latent px), vae/ (factor 2, RGB) and scheduler/."""
     directory = tmp_path_factory.mktemp("latent_pipeline")
     unet = _unet(seed=1, sample_size=8, in_channels=4, out_channels=4)
     unet.save_pretrained(directory / "unet")
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=0.5,
-    )
-    _randomise(vae, seed=2).save_pretrained(directory / "vae")
+    vae = _randomise(tiny_vae(), seed=2)
+    vae.save_pretrained(directory / "vae")
     DDPMScheduler(**SCHEDULE).save_pretrained(directory / "scheduler")
     return directory, unet, vae
 

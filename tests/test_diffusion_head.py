@@ -95,21 +95,10 @@ def test_loss_refuses_targets_of_the_wrong_shape():
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
+def vae_dir(tmp_path_factory, tiny_vae):
     """A tiny random AutoencoderKL (downsampling factor 2, 4 latent channels) saved with save_pretrained."""
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-        scaling_factor=0.5,
-    )
+    vae = tiny_vae()
     path = tmp_path_factory.mktemp("vae") / "vae"
     vae.save_pretrained(path)
     return path

@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from benchmarks.bench_diffusion_sampling import diffusers_loop
 from mmfm.config import DiffusionHeadConfig
 from mmfm.errors import InputError
 from mmfm.heads.diffusion import DiffusionHead
@@ -31,29 +32,6 @@ def _conditions() -> tuple[torch.Tensor, torch.Tensor]:
     cond = torch.randn(2, 5, DIM, generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     return cond, mask
-
-
-def _diffusers_loop(denoiser, scheduler, cond, mask, null, null_mask, steps, guidance, seed):
-    """The text-to-image loop of a diffusers pipeline, written out: null embeddings first, then the prompts'."""
-    generator = torch.Generator().manual_seed(seed)
-    embeds, masks = torch.cat([null, cond]), torch.cat([null_mask, mask])
-    scheduler.set_timesteps(steps)
-    latents = randn_tensor((2, denoiser.config.in_channels, 16, 16), generator=generator, dtype=cond.dtype)
-    latents = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        timestep = t.expand(model_input.shape[0])  # PixArt's pipeline expands it; the UNet broadcasts either way
-        noise_pred = denoiser(
-            model_input,
-            timestep=timestep,
-            encoder_hidden_states=embeds,
-            encoder_attention_mask=masks,
-            return_dict=False,
-        )[0]
-        uncond, text = noise_pred.chunk(2)
-        noise_pred = uncond + guidance * (text - uncond)
-        latents = scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
-    return (latents / 2 + 0.5).clamp(0, 1)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +60,8 @@ def test_sampling_equals_a_plain_diffusers_loop(name, scheduler, fields, guidanc
     head = _head(**fields)
     cond, mask = _conditions()
     null, null_mask = head.null_condition(2, 5, cond)
-    expected = _diffusers_loop(head.denoiser, scheduler, cond, mask, null, null_mask, 6, guidance, seed=3)
+    generator = torch.Generator().manual_seed(3)
+    expected = diffusers_loop(head.denoiser, scheduler, cond, mask, null, null_mask, 6, guidance, generator, 16)
     got = head.sample(
         cond, mask, name, num_inference_steps=6, guidance_scale=guidance, generator=torch.Generator().manual_seed(3)
     )
