@@ -23,6 +23,18 @@ def memory_mapped_from():
     return check
 
 
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(model, directory): a seeded random mmfm-test model in eval mode and the directory it was saved to."""
+    import mmfm
+
+    torch.manual_seed(0)
+    model = mmfm.create_model("mmfm-test").eval()
+    directory = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(directory)
+    return model, directory
+
+
 @pytest.fixture(scope="session")
 def tiny_vae():
     """tiny_vae() -> a new tiny diffusers AutoencoderKL: RGB, downsampling factor 2, 4 latent channels, 16 px.

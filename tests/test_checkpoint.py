@@ -11,15 +11,6 @@ from mmfm.checkpoint import INDEX_NAME, WEIGHTS_NAME, save_pretrained
 from mmfm.errors import CheckpointError
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    torch.manual_seed(0)
-    model = mmfm.create_model("mmfm-test").eval()
-    directory = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(directory)
-    return model, directory
-
-
 def _outputs(model):
     image = [np.linspace(0, 1, 40 * 48 * 3, dtype=np.float32).reshape(40, 48, 3)]
     audio = [(np.sin(np.linspace(0, 400, 16000, dtype=np.float32)), 16000)]

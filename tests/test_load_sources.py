@@ -19,15 +19,6 @@ from mmfm.pretrained import PretrainedEntry, get_pretrained, register_pretrained
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    torch.manual_seed(0)
-    model = mmfm.create_model("mmfm-test").eval()
-    directory = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(directory)
-    return model, directory
-
-
-@pytest.fixture(scope="module")
 def ast_dir(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     config = transformers.ASTConfig(
