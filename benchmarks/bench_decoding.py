@@ -1,7 +1,7 @@
 """Greedy caption decoding: mmfm with its KV cache against mmfm without it, and against Hugging Face GPT-2.
 
 mmfm decodes from an image prefix plus BOS, exactly as `model.caption(images=..., use_cache=...)` does
-(`CachedDecoder` or `RecomputingDecoder` driven by `mmfm.generation.generate`). The loop is called directly
+(`CachedDecoder` or `RecomputingDecoder` driven by `mmfm.text_generation.generate`). The loop is called directly
 with an EOS id no token can have (-1), so every row runs the full `max_new_tokens` whatever the random
 weights predict; image preprocessing and encoding happen once, outside the clock, since they are the same
 for every variant and GPT-2 has no image. GPT-2 gets a random prompt of the same length and
@@ -17,7 +17,7 @@ from benchmarks.harness import Result, compare, setup
 from benchmarks.peers import DecoderSize, count_parameters, gpt2_twin, mmfm_decoder
 from mmfm.config import ImageEncoderConfig
 from mmfm.decoding import CachedDecoder, RecomputingDecoder
-from mmfm.generation import GenerationConfig, generate
+from mmfm.text_generation import GenerationConfig, generate
 
 CACHE_TARGET = 3.0
 HF_TARGET = 1.0
@@ -42,7 +42,7 @@ def main(quick: bool = False) -> list[Result]:
     config = GenerationConfig(max_new_tokens=new_tokens)
     print(
         f"\ndecoder: {size}, byte vocab {model.tokenizer.vocab_size}; backbone + embedding parameters: "
-        f"mmfm {(count_parameters(model.backbone) + count_parameters(model.encoders['text'])) / 1e6:.1f}M, "
+        f"mmfm {(count_parameters(model.backbone) + count_parameters(model.token_embedding)) / 1e6:.1f}M, "
         f"GPT-2 {count_parameters(hf) / 1e6:.1f}M; {new_tokens} new tokens, greedy, fp32, "
         f"{torch.get_num_threads()} threads"
     )

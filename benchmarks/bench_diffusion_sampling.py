@@ -1,4 +1,4 @@
-"""Image sampling: mmfm's `DiffusionHead.sample` against a plain diffusers loop with the same UNet and scheduler.
+"""Image sampling: mmfm's `ImageGenHead.sample` against a plain diffusers loop with the same UNet and scheduler.
 
 The diffusers side is the loop a diffusers text-to-image pipeline runs, written out (a pipeline cannot take
 mmfm's backbone states and their attention mask as they are): the null and real conditions in one batch,
@@ -15,9 +15,9 @@ from diffusers import DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from benchmarks.harness import Result, compare, setup
-from mmfm.config import DiffusionHeadConfig
-from mmfm.heads.diffusion import DiffusionHead
-from mmfm.heads.diffusion_schedulers import noise_schedule
+from mmfm.config import ImageGenHeadConfig
+from mmfm.heads.image_gen import ImageGenHead
+from mmfm.heads.image_gen_schedulers import noise_schedule
 
 TARGET = 0.95  # mmfm may take at most ~1.05x the plain loop's time
 
@@ -51,17 +51,17 @@ def main(quick: bool = False) -> list[Result]:
     """Prints the timing table and returns the headline ratio, t_diffusers / t_mmfm."""
     setup()
     if quick:
-        config = DiffusionHeadConfig(
+        config = ImageGenHeadConfig(
             image_size=16, block_out_channels=[8, 16], layers_per_block=1, attention_head_dim=8, norm_num_groups=4
         )
         dim, batch, length, steps, rounds = 32, 2, 8, 4, 3
     else:
-        config = DiffusionHeadConfig(
+        config = ImageGenHeadConfig(
             image_size=32, block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=32, norm_num_groups=8
         )
         dim, batch, length, steps, rounds = 256, 2, 24, 20, 15
     guidance = 3.0
-    head = DiffusionHead(dim, config).eval()
+    head = ImageGenHead(dim, config).eval()
     with torch.no_grad():
         head.null_cond.normal_()
     cond = torch.randn(batch, length, dim)

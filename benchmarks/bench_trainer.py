@@ -55,9 +55,9 @@ class HandLoop:
 
     def __init__(self, config: TrainConfig, trainer: Trainer, share_passes: bool):
         torch.manual_seed(config.seed)
-        from mmfm.train.trainer import build_model
+        from mmfm.train.trainer import model_for_training
 
-        self.model, _ = build_model(config)
+        self.model, _ = model_for_training(config)
         self.model.train()
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = warmup_cosine(self.optimizer, config.optim, config.steps)
@@ -93,7 +93,7 @@ class HandLoop:
             return model.caption_loss(media, b.caption_ids, b.caption_mask)
         if task.objective == "classify":
             return model.heads["classify"].loss(model.classify_logits(media), b.label)
-        if task.objective == "denoise":
+        if task.objective == "image_gen":
             target = model.image_gen_targets(b.image)
             if "text" in task.inputs:
                 return model.image_gen_loss(None, b.caption_ids, b.caption_mask, target)

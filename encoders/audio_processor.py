@@ -35,6 +35,11 @@ class AudioProcessor:
         config: the audio encoder config; its sample rate, fbank, pad/crop and normalisation fields are used.
     """
 
+    @classmethod
+    def for_encoder(cls, encoder: Any, config: AudioEncoderConfig) -> AudioProcessor:
+        """The processor of an `AudioEncoder` built from `config`."""
+        return cls(config)
+
     def __init__(self, config: AudioEncoderConfig) -> None:
         self.config = config
 

@@ -33,6 +33,11 @@ class ImageProcessor:
         transform: timm's eval transform, PIL image -> (in_chans, H, W) float32 tensor.
     """
 
+    @classmethod
+    def for_encoder(cls, encoder: Any, config: Any) -> ImageProcessor:
+        """The processor of an `ImageEncoder` built from `config` (an `ImageEncoderConfig`)."""
+        return cls(encoder.data_config, config.in_chans)
+
     def __init__(self, data_config: dict[str, Any], in_chans: int = 3) -> None:
         """Builds timm's eval transform for `data_config`.
 

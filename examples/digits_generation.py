@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 import mmfm
 from mmfm.data import ManifestDataset
 from mmfm.data.judge import DigitsJudge, mean_pairwise_distance
-from mmfm.heads.diffusion import image_grid, to_pil
+from mmfm.pipelines import image_grid, to_pil
 
 DIGITS = range(10)
 GRID_CELL = 40  # pixels per grid cell, at least: small images are enlarged (nearest neighbour)

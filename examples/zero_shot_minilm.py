@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> float:
         positives[i, [column[c] for c in item["captions"]]] = True
     print(f"{len(train)} training images, {len(captions)} captions, {len(val)} held-out images")
 
-    trainable = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("encoders.text")]
+    trainable = [
+        p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("token_embedding")
+    ]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.1)
     model.train()

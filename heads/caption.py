@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from mmfm.config import CaptionHeadConfig
+from mmfm.objective import Objective, media_of
+
+if TYPE_CHECKING:
+    from mmfm.data import Batch
+    from mmfm.model import MultimodalModel
 
 
 class CaptionHead(nn.Module):
     """A bias-free linear LM head whose weight *is* the text token embedding table.
 
     Args:
-        token_embedding: the text encoder's embedding; tying means a token is read and written with one vector.
+        token_embedding: the model's text token embedding; tying means a token is read and written with one vector.
     """
+
+    @classmethod
+    def build(cls, model: MultimodalModel, config: CaptionHeadConfig) -> CaptionHead:
+        return cls(model.token_embedding)
 
     def __init__(self, token_embedding: nn.Embedding):
         super().__init__()
@@ -35,3 +49,29 @@ class CaptionHead(nn.Module):
         logits = self(hidden[:, :-1])  # (B, T-1, V)
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # (B, T-1)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
+
+
+class CaptionObjective(Objective):
+    """Next-token loss of the caption given the `inputs` media; no inputs is a text-only LM over `text`."""
+
+    @classmethod
+    def check_inputs(cls, inputs: Sequence[str], fail: Callable[[str], None]) -> None:
+        if "text" in inputs:
+            fail("a caption task's inputs are media (image, audio) or none for a text-only LM")
+
+    def needs(self) -> list[str]:
+        return [*self.inputs, "caption" if self.inputs else "text"]
+
+    def target(self, batch: Batch, rows: Tensor) -> tuple[Tensor, Tensor]:
+        if self.inputs:
+            return batch.caption_ids[rows], batch.caption_mask[rows]
+        return batch.text_ids[rows], batch.text_mask[rows]
+
+    def units(self, batch: Batch) -> Tensor:
+        _, mask = self.target(batch, self.rows(batch))
+        return mask[:, 1:].sum()
+
+    def loss_sum(self, model, batch: Batch, across_ranks: bool = False) -> Tensor:
+        rows = self.rows(batch)
+        ids, mask = self.target(batch, rows)
+        return model.caption_loss(media_of(batch, self.inputs, rows), ids, mask, reduction="sum")

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfm.config import ClassifyHeadConfig
+from mmfm.objective import Objective, media_of
 from mmfm.pooling import AttentionPool, masked_mean
+
+if TYPE_CHECKING:
+    from mmfm.data import Batch
+    from mmfm.model import MultimodalModel
 
 
 class ClassifyHead(nn.Module):
@@ -16,6 +24,10 @@ class ClassifyHead(nn.Module):
         dim: backbone width.
         config: class names, pooling and label mode.
     """
+
+    @classmethod
+    def build(cls, model: MultimodalModel, config: ClassifyHeadConfig) -> ClassifyHead:
+        return cls(model.config.backbone.dim, config)
 
     def __init__(self, dim: int, config: ClassifyHeadConfig):
         super().__init__()
@@ -42,3 +54,22 @@ class ClassifyHead(nn.Module):
             per_item = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").mean(-1)
             return per_item.sum() if reduction == "sum" else per_item.mean()
         return F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+
+class ClassifyObjective(Objective):
+    """Cross-entropy of the trained classification head over one media modality."""
+
+    @classmethod
+    def check_inputs(cls, inputs: Sequence[str], fail: Callable[[str], None]) -> None:
+        if len(inputs) != 1:
+            fail(f"a classify task reads one input modality, got {list(inputs)}")
+        if list(inputs) == ["text"]:
+            fail("classify reads image or audio, not text")
+
+    def needs(self) -> list[str]:
+        return [*self.inputs, "label"]
+
+    def loss_sum(self, model, batch: Batch, across_ranks: bool = False) -> Tensor:
+        rows = self.rows(batch)
+        logits = model.classify_logits(media_of(batch, self.inputs, rows))
+        return model.heads["classify"].loss(logits, batch.label[rows], reduction="sum")

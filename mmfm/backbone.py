@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmfm.config import BackboneConfig
+
+if TYPE_CHECKING:
+    from mmfm.sequence import TokenSequence
 
 
 class KVCache:
@@ -180,3 +185,8 @@ class Backbone(nn.Module):
         if cache is not None:
             cache.length += x.shape[1]
         return self.norm(x)
+
+    def read(self, seq: TokenSequence) -> Tensor:
+        """(B, L, dim) states of a whole token sequence under its attention policy (plain causal where it can)."""
+        attn_mask = None if seq.is_plain_causal else seq.attention_mask()
+        return self(seq.embeds, seq.positions(), attn_mask)

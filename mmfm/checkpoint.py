@@ -5,23 +5,40 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
-from mmfm.config import ModelConfig
-from mmfm.errors import CheckpointError, ConfigError
+from mmfm.errors import CheckpointError
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 VOCAB_NAME = "vocab.txt"  # a "wordpiece" tokenizer's vocabulary, written beside the weights
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+# Every tensor whose size allows starts this many bytes into a page: memory-mapped weights are then as aligned as
+# freshly allocated ones, and CPU kernels whose summation order depends on alignment give bit-identical results.
+TENSOR_ALIGNMENT = 64
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -44,7 +61,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
     `model.safetensors.index.json` weight map (the Hugging Face layout). Every file is written under a
     temporary name and renamed into place, so an interrupted save never leaves a half-written file behind.
     A "wordpiece" tokenizer's vocabulary is written as `vocab.txt`, and the saved config's `text.vocab` says
-    `vocab.txt`, which `ModelConfig.from_file` resolves against the directory: the checkpoint is self-contained.
+    `vocab.txt`, which `mmfm.registry.read_config` resolves against the directory: the checkpoint is self-contained.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -64,7 +81,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     for name, shard in zip(names, shards):
-        _atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+        _atomic_write(directory / name, lambda tmp, shard=shard: save_aligned(shard, tmp, {"format": "pt"}))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
@@ -82,6 +99,35 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
     for stale in left_by_earlier_saves:
         if stale.exists() and stale.name not in written:
             stale.unlink()
+
+
+def save_aligned(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Writes a safetensors file whose tensors start `TENSOR_ALIGNMENT`-aligned wherever their sizes allow.
+
+    safetensors' own writer packs tensors by dtype and name, so a 40-byte bias leaves every tensor after it
+    unaligned. Here the header is padded (with spaces, as the format allows) to a multiple of the alignment,
+    and tensors whose byte size is a multiple of it come first, so all of those are aligned when mapped; the
+    few others follow. Any safetensors reader reads the file.
+    """
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    sizes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    order = sorted(tensors, key=lambda k: (sizes[k] % TENSOR_ALIGNMENT != 0, k))
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key in order:
+        tensor = tensors[key]
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{key}: cannot save a {tensor.dtype} tensor as safetensors")
+        dtype, shape = _SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape)
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + sizes[key]]}
+        offset += sizes[key]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % TENSOR_ALIGNMENT)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for key in order:
+            f.write(tensors[key].reshape(-1).view(torch.uint8).numpy())
 
 
 def read_weights(directory: str | Path) -> dict[str, Tensor]:
@@ -151,26 +197,32 @@ def load_weights(
     return [f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in unexpected]
 
 
+_meta_construction = threading.local()
+
+
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Builds modules with every parameter on the meta device and every buffer real.
+    """Within the block, modules built *by this thread* get every parameter on the meta device; buffers stay real.
 
     Parameters cost nothing to allocate or initialise there, while buffers computed in `__init__` (RoPE
-    tables, non-persistent ones that no checkpoint holds) keep their values. Works by wrapping
-    `nn.Module.register_parameter` for the duration, so build only the model inside, from one thread.
+    tables, non-persistent ones that no checkpoint holds) keep their values. It works through torch's
+    parameter-registration hook, which asks a thread-local flag, so modules built at the same time in other
+    threads are untouched.
     """
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:  # a tie re-registers an already meta Parameter: keep it
-            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
+    depth = getattr(_meta_construction, "depth", 0)
+    _meta_construction.depth = depth + 1
+    handle = register_module_parameter_registration_hook(_parameter_on_meta)
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        handle.remove()
+        _meta_construction.depth = depth
+
+
+def _parameter_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+    if not getattr(_meta_construction, "depth", 0) or param is None or param.is_meta:
+        return None  # another thread's module, or an already meta Parameter (a tie re-registers one): keep it
+    return type(param)(param.to("meta"), requires_grad=param.requires_grad)
 
 
 def _assign(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -194,52 +246,6 @@ def _assign(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
             f"({', '.join(left[:10])}{' ...' if len(left) > 10 else ''}); build it on a real device to keep "
             "their initial values"
         )
-
-
-def load_pretrained(directory: str | Path, strict: bool = True) -> nn.Module:
-    """Builds the model described by `directory/config.yaml` and loads its weights; returns it in eval mode."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a checkpoint directory (expected {CONFIG_NAME} + {WEIGHTS_NAME})")
-    config_path = directory / CONFIG_NAME
-    if not config_path.exists():
-        raise CheckpointError(f"{directory}: no {CONFIG_NAME} in the checkpoint")
-    try:
-        config = ModelConfig.from_file(config_path)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    return load_state(config, read_weights(directory), str(directory), strict=strict)
-
-
-def load_state(
-    config: ModelConfig,
-    state: dict[str, Tensor],
-    source: str,
-    strict: bool = True,
-    required: tuple[str, ...] | None = None,
-) -> nn.Module:
-    """Builds the model `config` describes around the weights in `state`; returns it in eval mode.
-
-    The model is built with its parameters on the meta device and takes `state`'s tensors as they are
-    (memory-mapped safetensors stay mapped), so loading neither initialises nor copies the weights. When
-    `state` lacks some weights (allowed by `strict=False` or `required`), the model is built normally instead,
-    so those keep their fresh initialisation.
-
-    Args:
-        config: the model's config.
-        state: weights under `MultimodalModel` keys.
-        source: the file or directory they came from, named in errors.
-        strict: refuse missing or unexpected weights (mis-shaped weights are always refused).
-        required: with strict, only keys under these prefixes count as missing (see `load_weights`).
-    """
-    from mmfm.model import MultimodalModel
-
-    with parameters_on_meta():
-        model = MultimodalModel(config)
-    if set(unique_state_dict(model)) - set(state):
-        model = MultimodalModel(config)
-    load_weights(model, state, source, strict=strict, required=required)
-    return model.eval()
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:

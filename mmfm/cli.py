@@ -24,12 +24,13 @@ from PIL import Image
 
 import mmfm
 from mmfm.checkpoint import CONFIG_NAME
-from mmfm.config import ModelConfig
+from mmfm.config import SCHEDULERS
 from mmfm.data.digits import write_digits
 from mmfm.errors import InputError, MMFMError
-from mmfm.heads.diffusion import image_grid
-from mmfm.heads.diffusion_schedulers import SCHEDULERS
+from mmfm.loader import from_converted, open_model
 from mmfm.model import MultimodalModel
+from mmfm.pipelines import image_grid
+from mmfm.registry import read_config
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
@@ -336,7 +337,7 @@ def _info(args: argparse.Namespace) -> None:
     # Counting needs shapes only: the meta device allocates and initialises nothing, so large models are instant.
     with torch.device("meta"):
         if _is_checkpoint(args.model):
-            model = MultimodalModel(ModelConfig.from_file(Path(args.model) / CONFIG_NAME))
+            model = MultimodalModel(read_config(Path(args.model) / CONFIG_NAME))
         else:
             model = mmfm.create_model(args.model)
     counts = model.parameter_counts()
@@ -441,7 +442,7 @@ def _data_digits(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from mmfm.convert import build_model, convert, get_converter, list_sources
+    from mmfm.convert import convert, get_converter, list_sources
 
     if args.source not in list_sources():
         raise InputError(f"--from {args.source}: unknown source (known: {', '.join(list_sources())})")
@@ -451,7 +452,7 @@ def _convert(args: argparse.Namespace) -> None:
             raise InputError(f"--model-name: the '{args.source}' converter reads the architecture from SRC itself")
         kwargs["model_name"] = args.model_name
     converted = convert(args.source, args.src, **kwargs)
-    model, fresh = build_model(converted, args.base, f"{args.src} ({args.source})")
+    model, fresh = from_converted(converted, args.base, f"{args.src} ({args.source})")
     model.save_pretrained(args.out)
     print(f"mmfm: wrote {args.out} ({args.source} weights from {args.src})", file=sys.stderr)
     if fresh:
@@ -489,9 +490,9 @@ def _is_checkpoint(spec: str) -> bool:
 
 def _load_model(spec: str) -> MultimodalModel:
     """A saved checkpoint (`mmfm.load`), or a preset or YAML config with random weights (`mmfm.create_model`)."""
-    if _is_checkpoint(spec) or spec in mmfm.list_pretrained():
-        return mmfm.load(spec)
-    model = mmfm.create_model(spec).eval()
+    model, random = open_model(spec)
+    if not random:
+        return model
     print(
         f"mmfm: warning: '{spec}' builds a model with random weights, so its outputs mean nothing; "
         "pass a directory written by save_pretrained for a trained model",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib
 import math
 import types
 import typing
@@ -29,8 +30,90 @@ import yaml
 
 from mmfm.errors import ConfigError
 
-MEDIA_MODALITIES = ("image", "audio")
+
+def import_object(spec: str) -> Any:
+    """The object a "package.module:name" string names, imported now: how the tables below stay cheap to import."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class MediaSpec:
+    """One media modality: its `ModelConfig` field is the table key; encoder and processor are imported lazily.
+
+    Attributes:
+        argument: the name of its inputs in the API and CLI (`images=`, `audio=`).
+        encoder: "module:Class" of its encoder, built as `Class(modality_config)`.
+        processor: "module:Class" turning raw items into a batch tensor, built from the encoder and config.
+        extensions: file suffixes the CLI and manifests read as this modality.
+    """
+
+    argument: str
+    encoder: str
+    processor: str
+    extensions: tuple[str, ...]
+
+
+MEDIA: dict[str, MediaSpec] = {
+    "image": MediaSpec(
+        "images",
+        "mmfm.encoders.vision:ImageEncoder",
+        "mmfm.encoders.image_processor:ImageProcessor",
+        (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"),
+    ),
+    "audio": MediaSpec(
+        "audio",
+        "mmfm.encoders.audio:AudioEncoder",
+        "mmfm.encoders.audio_processor:AudioProcessor",
+        (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"),
+    ),
+}
+MEDIA_MODALITIES = tuple(MEDIA)
 MODALITIES = (*MEDIA_MODALITIES, "text")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One head: its config is the `ModelConfig` field named like the table key.
+
+    Attributes:
+        module: "module:Class" of the head, imported only when a model has it; built as `Class.build(model, config)`
+            once the model's encoders, towers and backbone exist.
+        objectives: training objectives the head serves: name (what a recipe's `objective:` says) ->
+            "module:Class" of the objective.
+    """
+
+    module: str
+    objectives: dict[str, str]
+
+
+HEADS: dict[str, HeadSpec] = {
+    "caption": HeadSpec("mmfm.heads.caption:CaptionHead", {"caption": "mmfm.heads.caption:CaptionObjective"}),
+    "classify": HeadSpec("mmfm.heads.classify:ClassifyHead", {"classify": "mmfm.heads.classify:ClassifyObjective"}),
+    "contrastive": HeadSpec(
+        "mmfm.heads.contrastive:ContrastiveHead", {"contrastive": "mmfm.heads.contrastive:ContrastiveObjective"}
+    ),
+    "image_gen": HeadSpec("mmfm.heads.image_gen:ImageGenHead", {"image_gen": "mmfm.heads.image_gen:ImageGenObjective"}),
+}
+# objective name -> the head that serves it
+OBJECTIVE_HEADS: dict[str, str] = {objective: head for head, spec in HEADS.items() for objective in spec.objectives}
+
+
+def objective_class(name: str) -> type:
+    """The `mmfm.objective.Objective` subclass of a training objective named in `HEADS`, imported now."""
+    return import_object(HEADS[OBJECTIVE_HEADS[name]].objectives[name])
+
+
+# Samplers of the image_gen head: name -> (diffusers scheduler class, arguments beyond the shared noise schedule).
+# No sampler clips its estimate of the clean image (see `mmfm.heads.image_gen_schedulers.make_scheduler`).
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": ("EulerDiscreteScheduler", {}),
+}
+SchedulerName = Literal[tuple(SCHEDULERS)]
+Fail = Callable[[str], None]  # raises ConfigError with the message, prefixed by the config's source
 
 
 @dataclass
@@ -44,6 +127,10 @@ class ProjectorConfig:
 
     kind: Literal["linear", "mlp"] = "mlp"
     num_tokens: int = 0
+
+    def check(self, fail: Fail, key: str) -> None:
+        if self.num_tokens < 0:
+            fail(f"{key}.num_tokens must be >= 0, got {self.num_tokens}")
 
 
 @dataclass
@@ -102,6 +189,11 @@ class ImageEncoderConfig:
     interpolation: str | None = None
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
 
+    def check(self, fail: Fail, key: str) -> None:
+        self.projector.check(fail, f"{key}.projector")
+        if self.head_dim < 0:
+            fail(f"{key}.head_dim must be >= 0, got {self.head_dim}")
+
 
 @dataclass
 class AudioEncoderConfig:
@@ -159,6 +251,18 @@ class AudioEncoderConfig:
     keep_prefix_tokens: bool = False
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
 
+    def check(self, fail: Fail, key: str) -> None:
+        self.projector.check(fail, f"{key}.projector")
+        if self.sample_rate <= 0:
+            fail(f"{key}.sample_rate must be positive, got {self.sample_rate}")
+        if not 0 < self.patch_stride <= self.patch_size:
+            fail(f"{key}.patch_stride must be in [1, patch_size={self.patch_size}], got {self.patch_stride}")
+        if self.num_mel_bins < self.patch_size or self.target_frames < self.patch_size:
+            fail(
+                f"{key}.num_mel_bins ({self.num_mel_bins}) and {key}.target_frames ({self.target_frames}) "
+                f"must be at least {key}.patch_size ({self.patch_size})"
+            )
+
 
 @dataclass
 class TextTowerConfig:
@@ -205,6 +309,15 @@ class TextTowerConfig:
         """Width of the tower's pooled (and projected) output."""
         return self.embed_dim or self.width
 
+    def check(self, fail: Fail, key: str) -> None:
+        for name in ("vocab_size", "context_length", "width", "depth", "num_heads"):
+            if getattr(self, name) <= 0:
+                fail(f"{key}.{name} must be positive, got {getattr(self, name)}")
+        if self.width % self.num_heads:
+            fail(f"{key}.num_heads ({self.num_heads}) must divide {key}.width ({self.width})")
+        if self.embed_dim is not None and self.embed_dim <= 0:
+            fail(f"{key}.embed_dim must be positive or null, got {self.embed_dim}")
+
 
 @dataclass
 class TextConfig:
@@ -230,6 +343,22 @@ class TextConfig:
     lowercase: bool = True
     strip_accents: bool | None = None
     tower: TextTowerConfig | None = None
+
+    def check(self, fail: Fail, key: str) -> None:
+        """Tokenizer files and the text tower's shape; the vocabulary file itself is read when the model is built."""
+        if self.max_length < 2:
+            fail(f"{key}.max_length must leave room for BOS and EOS, got {self.max_length}")
+        if self.tokenizer == "wordpiece" and not self.vocab:
+            fail(f"{key}.tokenizer 'wordpiece' needs {key}.vocab, the path of its vocab.txt")
+        if self.tokenizer != "wordpiece" and self.vocab is not None:
+            fail(f"{key}.vocab is read only by the 'wordpiece' tokenizer, but {key}.tokenizer is {self.tokenizer!r}")
+        if self.tower is not None:
+            self.tower.check(fail, f"{key}.tower")
+            if self.max_length > self.tower.context_length:
+                fail(
+                    f"{key}.max_length ({self.max_length}) exceeds {key}.tower.context_length "
+                    f"({self.tower.context_length})"
+                )
 
 
 @dataclass
@@ -274,6 +403,19 @@ class BackboneConfig:
             return self.hidden_dim
         return -(-(8 * self.dim // 3) // 64) * 64
 
+    def check(self, fail: Fail, key: str) -> None:
+        for name in ("dim", "depth", "num_heads", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                fail(f"{key}.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            fail(f"{key}.num_heads ({self.num_heads}) must divide {key}.dim ({self.dim})")
+        if self.num_heads % self.kv_heads:
+            fail(f"{key}.num_kv_heads ({self.kv_heads}) must divide {key}.num_heads ({self.num_heads})")
+        if self.head_dim % 2:
+            fail(f"{key}.dim / {key}.num_heads = {self.head_dim} must be even for rotary embeddings")
+        if not 0.0 <= self.dropout < 1.0:
+            fail(f"{key}.dropout must be in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class CaptionHeadConfig:
@@ -284,6 +426,10 @@ class CaptionHeadConfig:
     """
 
     max_new_tokens: int = 32
+
+    def check(self, fail: Fail, key: str) -> None:
+        if self.max_new_tokens < 1:
+            fail(f"{key}.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass
@@ -299,6 +445,12 @@ class ClassifyHeadConfig:
     labels: list[str] = field(default_factory=list)
     pool: Literal["mean", "query"] = "mean"
     multi_label: bool = False
+
+    def check(self, fail: Fail, key: str) -> None:
+        if not self.labels:
+            fail(f"{key}.labels must name at least one class")
+        if len(set(self.labels)) != len(self.labels):
+            fail(f"{key}.labels has duplicates")
 
 
 @dataclass
@@ -339,14 +491,22 @@ class ContrastiveHeadConfig:
     templates: list[str] = field(default_factory=lambda: ["{}"])
     source: EmbeddingSourceConfig = field(default_factory=EmbeddingSourceConfig)
 
+    def check(self, fail: Fail, key: str) -> None:
+        if self.embed_dim <= 0:
+            fail(f"{key}.embed_dim must be positive, got {self.embed_dim}")
+        if self.init_temperature <= 0:
+            fail(f"{key}.init_temperature must be positive, got {self.init_temperature}")
+        if not all("{}" in t for t in self.templates) or not self.templates:
+            fail(f'{key}.templates must be a non-empty list of strings that each contain "{{}}"')
+
 
 @dataclass
-class DiffusionHeadConfig:
+class ImageGenHeadConfig:
     """Image generation: a diffusers denoiser cross-attending to the backbone states of the condition.
 
     The denoiser's cross-attention width is `backbone.dim`. In latent space the denoiser works on the latents of
     a frozen diffusers `AutoencoderKL` read from `vae_path`; that VAE is not saved with the model (see
-    `mmfm.heads.diffusion`). The noise schedule fields are diffusers' scheduler arguments and are shared by
+    `mmfm.heads.image_gen`). The noise schedule fields are diffusers' scheduler arguments and are shared by
     training and every sampler.
 
     Attributes:
@@ -395,7 +555,7 @@ class DiffusionHeadConfig:
     beta_end: float = 0.02
     timestep_spacing: Literal["trailing", "leading", "linspace"] = "trailing"
     cond_dropout: float = 0.1
-    scheduler: Literal["ddpm", "ddim", "dpmsolver++", "euler"] = "dpmsolver++"
+    scheduler: SchedulerName = "dpmsolver++"
     num_inference_steps: int = 25
     guidance_scale: float = 3.0
 
@@ -405,6 +565,53 @@ class DiffusionHeadConfig:
         if self.architecture == "dit":
             return self.patch_size
         return 2 ** (len(self.block_out_channels) - 1)
+
+    def check(self, fail: Fail, key: str) -> None:
+        """The checks that need no file: sizes the denoiser can make, a sane schedule and sampler defaults."""
+        for name in ("image_size", "layers_per_block", "attention_head_dim", "num_train_timesteps"):
+            if getattr(self, name) <= 0:
+                fail(f"{key}.{name} must be positive, got {getattr(self, name)}")
+        if self.channels not in (1, 3):
+            fail(f"{key}.channels must be 1 (greyscale) or 3 (RGB), got {self.channels}")
+        if self.architecture == "unet":
+            if not self.block_out_channels or min(self.block_out_channels) <= 0:
+                fail(f"{key}.block_out_channels must be a non-empty list of positive widths: {self.block_out_channels}")
+            for width in self.block_out_channels:
+                if width % self.attention_head_dim or width % self.norm_num_groups:
+                    fail(
+                        f"{key}.attention_head_dim ({self.attention_head_dim}) and {key}.norm_num_groups "
+                        f"({self.norm_num_groups}) must divide every {key}.block_out_channels entry, got {width}"
+                    )
+            factor = f"the UNet's downsampling factor {self.downsampling_factor} (2 ** (len(block_out_channels) - 1))"
+        else:
+            for name in ("dit_width", "dit_depth", "patch_size"):
+                if getattr(self, name) <= 0:
+                    fail(f"{key}.{name} must be positive, got {getattr(self, name)}")
+            if self.dit_width % self.attention_head_dim:
+                head_dim = self.attention_head_dim
+                fail(f"{key}.attention_head_dim ({head_dim}) must divide {key}.dit_width ({self.dit_width})")
+            factor = f"the DiT's {key}.patch_size ({self.patch_size})"
+        if self.space == "pixel":
+            if self.vae_path is not None:
+                fail(f"{key}.vae_path is only read in latent space; set {key}.space: latent or drop vae_path")
+            if self.image_size % self.downsampling_factor:
+                fail(f"{key}.image_size ({self.image_size}) must be a multiple of {factor}")
+        elif not self.vae_path:
+            fail(f"{key}.space is latent, so {key}.vae_path must name a diffusers AutoencoderKL directory")
+        if self.beta_schedule != "squaredcos_cap_v2" and not 0 < self.beta_start < self.beta_end < 1:
+            fail(
+                f"{key}.beta_start ({self.beta_start}) and beta_end ({self.beta_end}) need "
+                "0 < beta_start < beta_end < 1"
+            )
+        if not 0.0 <= self.cond_dropout < 1.0:
+            fail(f"{key}.cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if not 1 <= self.num_inference_steps <= self.num_train_timesteps:
+            fail(
+                f"{key}.num_inference_steps must be in [1, num_train_timesteps={self.num_train_timesteps}], "
+                f"got {self.num_inference_steps}"
+            )
+        if not 0.0 <= self.guidance_scale < math.inf:
+            fail(f"{key}.guidance_scale must be a finite number >= 0 (1: no guidance), got {self.guidance_scale}")
 
 
 @dataclass
@@ -419,7 +626,7 @@ class ModelConfig:
     caption: CaptionHeadConfig | None = field(default_factory=CaptionHeadConfig)
     classify: ClassifyHeadConfig | None = None
     contrastive: ContrastiveHeadConfig | None = field(default_factory=ContrastiveHeadConfig)
-    image_gen: DiffusionHeadConfig | None = None
+    image_gen: ImageGenHeadConfig | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -436,23 +643,6 @@ class ModelConfig:
         """Builds and validates a config; errors name `source` (a file path, say) and the offending key."""
         config = build_dataclass(cls, data, source, prefix="")
         validate(config, source)
-        return config
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> ModelConfig:
-        """Reads a full config or a preset recipe (a `preset:` key plus overrides) from YAML."""
-        path = Path(path)
-        data = read_yaml_mapping(path, "config file")
-        if "preset" in data:
-            from mmfm.registry import get_preset
-
-            data = dict(data)
-            base = get_preset(data.pop("preset")).to_dict()
-            data = merge(base, data)
-        config = cls.from_dict(data, str(path))
-        vocab = config.text.vocab
-        if vocab is not None and not Path(vocab).is_absolute():  # relative to the YAML file, not to the caller
-            config.text.vocab = str((path.parent / vocab).absolute())
         return config
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "<overrides>") -> ModelConfig:
@@ -499,85 +689,26 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(config: ModelConfig, source: str = "<config>") -> None:
-    """Rejects combinations that cannot build a model, naming the keys involved."""
-    bb = config.backbone
+    """Rejects combinations that cannot build a model, naming the keys involved.
+
+    Each component checks itself (`check(fail, key)`); what spans components is checked here.
+    """
 
     def fail(msg: str) -> None:
         raise ConfigError(f"{source}: {msg}")
 
-    for key in ("dim", "depth", "num_heads", "max_seq_len"):
-        if getattr(bb, key) <= 0:
-            fail(f"backbone.{key} must be positive, got {getattr(bb, key)}")
-    if bb.dim % bb.num_heads:
-        fail(f"backbone.num_heads ({bb.num_heads}) must divide backbone.dim ({bb.dim})")
-    if bb.num_heads % bb.kv_heads:
-        fail(f"backbone.num_kv_heads ({bb.kv_heads}) must divide backbone.num_heads ({bb.num_heads})")
-    if bb.head_dim % 2:
-        fail(f"backbone.dim / backbone.num_heads = {bb.head_dim} must be even for rotary embeddings")
-    if not 0.0 <= bb.dropout < 1.0:
-        fail(f"backbone.dropout must be in [0, 1), got {bb.dropout}")
-    if config.text.max_length < 2:
-        fail(f"text.max_length must leave room for BOS and EOS, got {config.text.max_length}")
-    if config.text.max_length > bb.max_seq_len:
-        fail(f"text.max_length ({config.text.max_length}) exceeds backbone.max_seq_len ({bb.max_seq_len})")
-    for name in MEDIA_MODALITIES:
-        media = getattr(config, name)
-        if media is not None and media.projector.num_tokens < 0:
-            fail(f"{name}.projector.num_tokens must be >= 0, got {media.projector.num_tokens}")
-    if config.image is not None and config.image.head_dim < 0:
-        fail(f"image.head_dim must be >= 0, got {config.image.head_dim}")
-    audio = config.audio
-    if audio is not None:
-        if audio.sample_rate <= 0:
-            fail(f"audio.sample_rate must be positive, got {audio.sample_rate}")
-        if not 0 < audio.patch_stride <= audio.patch_size:
-            fail(f"audio.patch_stride must be in [1, patch_size={audio.patch_size}], got {audio.patch_stride}")
-        if audio.num_mel_bins < audio.patch_size or audio.target_frames < audio.patch_size:
-            fail(
-                f"audio.num_mel_bins ({audio.num_mel_bins}) and audio.target_frames ({audio.target_frames}) "
-                f"must be at least audio.patch_size ({audio.patch_size})"
-            )
-    if config.classify is not None:
-        if not config.classify.labels:
-            fail("classify.labels must name at least one class")
-        if len(set(config.classify.labels)) != len(config.classify.labels):
-            fail("classify.labels has duplicates")
-        if config.image is None and config.audio is None:
-            fail("classify needs an image or audio encoder to classify")
-    if config.contrastive is not None:
-        if config.contrastive.embed_dim <= 0:
-            fail(f"contrastive.embed_dim must be positive, got {config.contrastive.embed_dim}")
-        if config.contrastive.init_temperature <= 0:
-            fail(f"contrastive.init_temperature must be positive, got {config.contrastive.init_temperature}")
-        if not all("{}" in t for t in config.contrastive.templates) or not config.contrastive.templates:
-            fail('contrastive.templates must be a non-empty list of strings that each contain "{}"')
-    if config.image_gen is not None:
-        _validate_image_gen(config.image_gen, fail)
-    _validate_text(config.text, fail)
+    for f in dataclasses.fields(config):
+        component = getattr(config, f.name)
+        if dataclasses.is_dataclass(component):
+            component.check(fail, f.name)
+    if config.text.max_length > config.backbone.max_seq_len:
+        fail(f"text.max_length ({config.text.max_length}) exceeds backbone.max_seq_len ({config.backbone.max_seq_len})")
+    if config.classify is not None and not any(getattr(config, m) is not None for m in MEDIA_MODALITIES):
+        fail("classify needs an image or audio encoder to classify")
     _validate_sources(config, fail)
 
 
-def _validate_text(text: TextConfig, fail: Callable[[str], None]) -> None:
-    """Tokenizer files and the text tower's shape; the vocabulary file itself is read when the model is built."""
-    if text.tokenizer == "wordpiece" and not text.vocab:
-        fail("text.tokenizer 'wordpiece' needs text.vocab, the path of its vocab.txt")
-    if text.tokenizer != "wordpiece" and text.vocab is not None:
-        fail(f"text.vocab is read only by the 'wordpiece' tokenizer, but text.tokenizer is {text.tokenizer!r}")
-    tower = text.tower
-    if tower is None:
-        return
-    for key in ("vocab_size", "context_length", "width", "depth", "num_heads"):
-        if getattr(tower, key) <= 0:
-            fail(f"text.tower.{key} must be positive, got {getattr(tower, key)}")
-    if tower.width % tower.num_heads:
-        fail(f"text.tower.num_heads ({tower.num_heads}) must divide text.tower.width ({tower.width})")
-    if tower.embed_dim is not None and tower.embed_dim <= 0:
-        fail(f"text.tower.embed_dim must be positive or null, got {tower.embed_dim}")
-    if text.max_length > tower.context_length:
-        fail(f"text.max_length ({text.max_length}) exceeds text.tower.context_length ({tower.context_length})")
-
-
-def _validate_sources(config: ModelConfig, fail: Callable[[str], None]) -> None:
+def _validate_sources(config: ModelConfig, fail: Fail) -> None:
     """A "tower" embedding source needs that tower; widths that only the built encoder knows are checked there."""
     if config.contrastive is None:
         return
@@ -595,53 +726,6 @@ def _validate_sources(config: ModelConfig, fail: Callable[[str], None]) -> None:
             fail("contrastive.source.image is 'tower' but the model has no image encoder")
         if config.image.global_pool is None:
             fail("contrastive.source.image is 'tower' but image.global_pool is not set (e.g. 'token' or 'avg')")
-
-
-def _validate_image_gen(gen: DiffusionHeadConfig, fail: Callable[[str], None]) -> None:
-    """The image_gen checks that need no file: sizes the denoiser can make, a sane schedule and sampler defaults."""
-    for key in ("image_size", "layers_per_block", "attention_head_dim", "num_train_timesteps"):
-        if getattr(gen, key) <= 0:
-            fail(f"image_gen.{key} must be positive, got {getattr(gen, key)}")
-    if gen.channels not in (1, 3):
-        fail(f"image_gen.channels must be 1 (greyscale) or 3 (RGB), got {gen.channels}")
-    if gen.architecture == "unet":
-        if not gen.block_out_channels or min(gen.block_out_channels) <= 0:
-            fail(f"image_gen.block_out_channels must be a non-empty list of positive widths: {gen.block_out_channels}")
-        for width in gen.block_out_channels:
-            if width % gen.attention_head_dim or width % gen.norm_num_groups:
-                fail(
-                    f"image_gen.attention_head_dim ({gen.attention_head_dim}) and image_gen.norm_num_groups "
-                    f"({gen.norm_num_groups}) must divide every image_gen.block_out_channels entry, got {width}"
-                )
-        factor = f"the UNet's downsampling factor {gen.downsampling_factor} (2 ** (len(block_out_channels) - 1))"
-    else:
-        for key in ("dit_width", "dit_depth", "patch_size"):
-            if getattr(gen, key) <= 0:
-                fail(f"image_gen.{key} must be positive, got {getattr(gen, key)}")
-        if gen.dit_width % gen.attention_head_dim:
-            head_dim = gen.attention_head_dim
-            fail(f"image_gen.attention_head_dim ({head_dim}) must divide image_gen.dit_width ({gen.dit_width})")
-        factor = f"the DiT's image_gen.patch_size ({gen.patch_size})"
-    if gen.space == "pixel":
-        if gen.vae_path is not None:
-            fail("image_gen.vae_path is only read in latent space; set image_gen.space: latent or drop vae_path")
-        if gen.image_size % gen.downsampling_factor:
-            fail(f"image_gen.image_size ({gen.image_size}) must be a multiple of {factor}")
-    elif not gen.vae_path:
-        fail("image_gen.space is latent, so image_gen.vae_path must name a diffusers AutoencoderKL directory")
-    if gen.beta_schedule != "squaredcos_cap_v2" and not 0 < gen.beta_start < gen.beta_end < 1:
-        fail(
-            f"image_gen.beta_start ({gen.beta_start}) and beta_end ({gen.beta_end}) need 0 < beta_start < beta_end < 1"
-        )
-    if not 0.0 <= gen.cond_dropout < 1.0:
-        fail(f"image_gen.cond_dropout must be in [0, 1), got {gen.cond_dropout}")
-    if not 1 <= gen.num_inference_steps <= gen.num_train_timesteps:
-        fail(
-            f"image_gen.num_inference_steps must be in [1, num_train_timesteps={gen.num_train_timesteps}], "
-            f"got {gen.num_inference_steps}"
-        )
-    if not 0.0 <= gen.guidance_scale < math.inf:
-        fail(f"image_gen.guidance_scale must be a finite number >= 0 (1: no guidance), got {gen.guidance_scale}")
 
 
 def to_plain(value: Any) -> Any:

@@ -8,8 +8,8 @@ from mmfm.config import (
     CaptionHeadConfig,
     ClassifyHeadConfig,
     ContrastiveHeadConfig,
-    DiffusionHeadConfig,
     ImageEncoderConfig,
+    ImageGenHeadConfig,
     ModelConfig,
     ProjectorConfig,
     TextConfig,
@@ -39,7 +39,7 @@ def mmfm_test() -> ModelConfig:
         caption=CaptionHeadConfig(max_new_tokens=16),
         classify=ClassifyHeadConfig(labels=[str(i) for i in range(10)]),
         contrastive=ContrastiveHeadConfig(embed_dim=32),
-        image_gen=DiffusionHeadConfig(
+        image_gen=ImageGenHeadConfig(
             image_size=16,
             block_out_channels=[8, 16],
             layers_per_block=1,

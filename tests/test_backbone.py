@@ -52,7 +52,7 @@ def test_text_before_media_does_not_see_the_media(model):
 
     def run(img):
         seq = TokenSequence.concat(
-            [("text", model.encoders["text"](ids), None), ("image", model.media_tokens("image", img), None)]
+            [("text", model.token_embedding(ids), None), ("image", model.media_tokens("image", img), None)]
         )
         return model.hidden(seq)
 
@@ -124,7 +124,7 @@ def test_unknown_modality_and_overlong_sequences_are_clear_errors(model):
 
 
 def test_segments_in_any_order_carry_their_modality_ids(model):
-    text = model.encoders["text"](torch.randint(3, 200, (1, 3)))
+    text = model.token_embedding(torch.randint(3, 200, (1, 3)))
     audio = model.media_tokens("audio", torch.randn(1, 64, 32, dtype=torch.float64))
     image = model.media_tokens("image", torch.randn(1, 3, 32, 32, dtype=torch.float64))
     seq = TokenSequence.concat([("audio", audio, None), ("text", text, None), ("image", image, None)])

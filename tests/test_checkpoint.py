@@ -35,7 +35,7 @@ def test_save_then_load_gives_bit_identical_outputs(saved):
 
 def test_tied_weights_stay_tied_after_loading(saved):
     loaded = mmfm.load(saved[1])
-    assert loaded.heads["caption"].lm_head.weight is loaded.encoders["text"].embed.weight
+    assert loaded.heads["caption"].lm_head.weight is loaded.token_embedding.weight
 
 
 def test_checkpoint_holds_config_and_safetensors_only(saved):

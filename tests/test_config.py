@@ -6,9 +6,8 @@ import pytest
 import yaml
 
 import mmfm
-from mmfm.config import ModelConfig
 from mmfm.errors import ConfigError
-from mmfm.registry import get_preset
+from mmfm.registry import get_preset, read_config
 
 CONFIG_DIR = Path(mmfm.__file__).parent.parent / "configs" / "models"
 
@@ -17,13 +16,13 @@ CONFIG_DIR = Path(mmfm.__file__).parent.parent / "configs" / "models"
 def test_every_preset_round_trips_through_yaml(tmp_path, name):
     config = get_preset(name)
     config.save(tmp_path / "config.yaml")
-    assert ModelConfig.from_file(tmp_path / "config.yaml") == config
+    assert read_config(tmp_path / "config.yaml") == config
 
 
 def test_recipe_overrides_only_the_fields_it_names(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text("preset: mmfm-tiny\nbackbone:\n  depth: 2\naudio: null\n")
-    config = ModelConfig.from_file(path)
+    config = read_config(path)
     base = get_preset("mmfm-tiny")
     assert config.backbone.depth == 2 and config.audio is None
     assert config.backbone.dim == base.backbone.dim and config.image == base.image
@@ -33,7 +32,7 @@ def test_unknown_key_names_the_key_the_file_and_a_close_match(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("preset: mmfm-test\nbackbone:\n  num_haeds: 4\n")
     with pytest.raises(ConfigError) as e:
-        ModelConfig.from_file(path)
+        read_config(path)
     message = str(e.value)
     assert str(path) in message and "backbone.num_haeds" in message and "backbone.num_heads" in message
 
@@ -42,7 +41,7 @@ def test_wrong_type_names_the_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("preset: mmfm-test\ntext:\n  max_length: long\n")
     with pytest.raises(ConfigError, match=r"bad.yaml.*'text.max_length' must be int"):
-        ModelConfig.from_file(path)
+        read_config(path)
 
 
 @pytest.mark.parametrize(
@@ -70,21 +69,21 @@ def test_invalid_yaml_and_missing_file_are_config_errors(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("backbone: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
-        ModelConfig.from_file(bad)
+        read_config(bad)
     with pytest.raises(ConfigError, match="not found"):
-        ModelConfig.from_file(tmp_path / "absent.yaml")
+        read_config(tmp_path / "absent.yaml")
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_yaml_is_a_valid_config(path):
-    config = ModelConfig.from_file(path)
+    config = read_config(path)
     assert yaml.safe_load(yaml.safe_dump(config.to_dict())) == config.to_dict()
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_yaml_builds_a_model(path):
     model = mmfm.create_model(path)
-    config = ModelConfig.from_file(path)
+    config = read_config(path)
     assert set(model.encoders) == set(config.modalities)
 
 

@@ -12,8 +12,9 @@ from torch.testing import assert_close
 
 import mmfm
 from mmfm.cli import main
-from mmfm.convert import build_config, build_model, convert, list_sources
+from mmfm.convert import build_config, convert, list_sources
 from mmfm.errors import CheckpointError, ConfigError
+from mmfm.loader import from_converted
 
 DIM = 64  # mmfm-test's backbone.dim: what the UNet cross-attends to
 # Two levels of 8 and 16 channels with 2 and 4 heads: 4 channels per head at both, as mmfm's head needs.
@@ -26,7 +27,7 @@ UNET = dict(
     cross_attention_dim=DIM,
     attention_head_dim=(2, 4),  # diffusers' name for heads per level
 )
-# Not DiffusionHeadConfig's defaults, so the test sees each one carried over.
+# Not ImageGenHeadConfig's defaults, so the test sees each one carried over.
 SCHEDULE = dict(
     num_train_timesteps=500,
     beta_schedule="scaled_linear",
@@ -109,7 +110,7 @@ def test_diffusers_is_a_registered_source():
 def test_denoiser_output_equals_the_diffusers_unet(pixel_pipeline, layout):
     directory, unet, _ = pixel_pipeline
     converted = convert("diffusers", directory if layout == "pipeline" else directory / "unet")
-    model, fresh = build_model(converted, "mmfm-test", str(directory))
+    model, fresh = from_converted(converted, "mmfm-test", str(directory))
     gen = model.config.image_gen
 
     assert "heads.image_gen" not in fresh and "backbone" in fresh
@@ -122,7 +123,7 @@ def test_denoiser_output_equals_the_diffusers_unet(pixel_pipeline, layout):
 
 def test_the_unet_reads_the_models_backbone_states(pixel_pipeline):
     directory, unet, _ = pixel_pipeline
-    model, _ = build_model(convert("diffusers", directory), "mmfm-test")
+    model, _ = from_converted(convert("diffusers", directory), "mmfm-test")
     ids, mask = model.tokenizer(["a red square", "two"], model.config.text.max_length)
     x, t, _, _ = _inputs(3, 16, seed=1)
     with torch.no_grad():
@@ -134,19 +135,19 @@ def test_the_unet_reads_the_models_backbone_states(pixel_pipeline):
 
 def test_the_pipelines_noise_schedule_arrives_in_the_config(pixel_pipeline):
     directory, _, scheduler = pixel_pipeline
-    model, _ = build_model(convert("diffusers", directory), "mmfm-test")
+    model, _ = from_converted(convert("diffusers", directory), "mmfm-test")
     gen = model.config.image_gen
 
     assert {key: getattr(gen, key) for key in SCHEDULE} == SCHEDULE
     assert_close(model.heads["image_gen"].noise_schedule.alphas_cumprod, scheduler.alphas_cumprod)
-    defaults = mmfm.config.DiffusionHeadConfig()
+    defaults = mmfm.config.ImageGenHeadConfig()
     bare = convert("diffusers", directory / "unet").config["image_gen"]  # no scheduler/: the head's defaults
     assert {key: getattr(bare, key) for key in SCHEDULE} == {key: getattr(defaults, key) for key in SCHEDULE}
 
 
 def test_latent_pipeline_points_vae_path_at_its_vae_and_decodes_like_it(latent_pipeline):
     directory, unet, vae = latent_pipeline
-    model, _ = build_model(convert("diffusers", directory), "mmfm-test")
+    model, _ = from_converted(convert("diffusers", directory), "mmfm-test")
     gen, head = model.config.image_gen, model.heads["image_gen"]
 
     assert (gen.space, gen.vae_path) == ("latent", str((directory / "vae").absolute()))

@@ -12,8 +12,9 @@ from sentence_transformers.sentence_transformer.modules import Dense, Normalize,
 from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer
 
 import mmfm
-from mmfm.convert import build_model, convert
+from mmfm.convert import convert
 from mmfm.errors import CheckpointError, ConfigError
+from mmfm.loader import from_converted
 
 WORDS = "the a cat dog sat on mat red blue car is are play ##s ##ing ##ed run walk quick brown fox jump over lazy"
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *".,!?'-", *WORDS.split(), "un", "##believ", "##able"]
@@ -48,7 +49,7 @@ def test_sentence_embeddings_match_sentence_transformers(tmp_path, mode):
         tmp_path, [Transformer(str(directory), max_seq_length=48), Pooling(32, pooling_mode=mode), Normalize()]
     )
 
-    model, fresh = build_model(convert("hf_bert", st_dir), "mmfm-test", str(st_dir))
+    model, fresh = from_converted(convert("hf_bert", st_dir), "mmfm-test", str(st_dir))
 
     assert "towers.text" not in fresh and model.config.text.tower.pooling == mode
     assert model.config.text.max_length == 48
@@ -57,7 +58,7 @@ def test_sentence_embeddings_match_sentence_transformers(tmp_path, mode):
 
 def test_last_hidden_states_match_bert_model(tmp_path):
     directory, reference = _bert_dir(tmp_path)
-    model, _ = build_model(convert("hf_bert", directory), "mmfm-test", str(directory))
+    model, _ = from_converted(convert("hf_bert", directory), "mmfm-test", str(directory))
     hf = BertTokenizer.from_pretrained(str(directory))(TEXTS, padding=True, return_tensors="pt")
 
     ids, mask = model.tokenizer(TEXTS, model.config.text.max_length)
@@ -85,7 +86,7 @@ def test_task_model_directory_loads_through_mmfm_load(tmp_path):
 
 def test_vocabulary_travels_with_save_pretrained(tmp_path):
     directory, _ = _bert_dir(tmp_path)
-    model, _ = build_model(convert("hf_bert", directory), "mmfm-test", str(directory))
+    model, _ = from_converted(convert("hf_bert", directory), "mmfm-test", str(directory))
     expected = model.embed(text=TEXTS)
     model.save_pretrained(tmp_path / "saved")
     shutil.rmtree(directory)  # the saved model must not need the source directory

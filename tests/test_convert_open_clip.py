@@ -15,8 +15,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import mmfm
-from mmfm.convert import build_model, convert
+from mmfm.convert import convert
 from mmfm.errors import CheckpointError, ConfigError
+from mmfm.loader import from_converted
 from mmfm.pretrained import PretrainedEntry, register_pretrained, unregister_pretrained
 
 TINY = {
@@ -59,7 +60,7 @@ def _images(n=3, seed=0):
 
 def test_image_and_text_features_match_open_clip(hub_dir):
     directory, name, reference = hub_dir
-    model, _ = build_model(convert("open_clip", directory), "mmfm-test", str(directory))
+    model, _ = from_converted(convert("open_clip", directory), "mmfm-test", str(directory))
     pixels = torch.randn(3, 3, 32, 32)
     texts = ["a photo of a cat.", "two dogs playing in the snow", "", "x " * 40]  # the last one is truncated
     ids, mask = model.tokenizer(texts, model.config.text.max_length)
@@ -77,7 +78,7 @@ def test_image_and_text_features_match_open_clip(hub_dir):
 
 def test_zero_shot_classify_reproduces_open_clip_probabilities(hub_dir):
     directory, name, reference = hub_dir
-    model, _ = build_model(convert("open_clip", directory), "mmfm-test", str(directory))
+    model, _ = from_converted(convert("open_clip", directory), "mmfm-test", str(directory))
     images = _images()
 
     result = model.classify(images=images, labels=LABELS)
@@ -100,7 +101,7 @@ def test_text_tower_alone_from_a_torch_file_with_model_name(tmp_path):
     torch.save(reference.state_dict(), path)
 
     converted = convert("open_clip", path, model_name="mmfm-test-clip-file", towers=("text",))
-    model, fresh = build_model(converted, "mmfm-test", str(path))
+    model, fresh = from_converted(converted, "mmfm-test", str(path))
 
     assert set(converted.config) == {"text", "contrastive"} and "encoders.image" in fresh
     assert (model.config.contrastive.source.text, model.config.contrastive.source.image) == ("tower", "backbone")
@@ -112,7 +113,7 @@ def test_text_tower_alone_from_a_torch_file_with_model_name(tmp_path):
 
 def test_other_image_size_resamples_the_position_embedding_as_open_clip_does(hub_dir):
     directory, name, reference = hub_dir
-    model, _ = build_model(convert("open_clip", directory, img_size=48), "mmfm-test", str(directory))
+    model, _ = from_converted(convert("open_clip", directory, img_size=48), "mmfm-test", str(directory))
 
     resized = open_clip.create_model(name, force_image_size=48).eval()
     state = reference.state_dict()

@@ -11,8 +11,9 @@ from timm.models._hub import save_for_hf
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 import mmfm
-from mmfm.convert import build_model, convert
+from mmfm.convert import convert
 from mmfm.errors import CheckpointError, ConfigError
+from mmfm.loader import from_converted
 from mmfm.pretrained import PretrainedEntry, register_pretrained, unregister_pretrained
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -46,7 +47,7 @@ def test_hub_directory_matches_timm_features_and_pooled(tmp_path, name, kwargs):
     reference = _reference(name, num_classes=10, **kwargs)
     save_for_hf(reference, tmp_path, safe_serialization=True)  # timm's hub layout: config.json + model.safetensors
 
-    model, _ = build_model(convert("timm", tmp_path), "mmfm-test", str(tmp_path))
+    model, _ = from_converted(convert("timm", tmp_path), "mmfm-test", str(tmp_path))
     pixels = torch.randn(2, 3, 32, 32)
     features, pooled, tokens = _features(model, pixels)
 
@@ -64,7 +65,7 @@ def test_torch_file_with_model_name_and_kept_head(tmp_path):
     torch.save({"state_dict": reference.state_dict(), "epoch": 3}, path)  # a training script's container
 
     converted = convert("timm", path, model_name="vit_tiny_patch16_224", keep_head=True, **TINY)
-    model, _ = build_model(converted, "mmfm-test", str(path))
+    model, _ = from_converted(converted, "mmfm-test", str(path))
 
     assert converted.config["image"].head_dim == 7
     pixels = torch.randn(2, 3, 32, 32)
@@ -78,7 +79,7 @@ def test_other_image_size_resamples_the_position_embedding_as_timm_does(tmp_path
     save_for_hf(reference, tmp_path, safe_serialization=True)
 
     converted = convert("timm", tmp_path, img_size=48)
-    model, _ = build_model(converted, "mmfm-test", str(path))
+    model, _ = from_converted(converted, "mmfm-test", str(path))
 
     resized = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY, "img_size": 48}).eval()
     resized.load_state_dict(checkpoint_filter_fn(reference.state_dict(), resized))
@@ -97,7 +98,7 @@ def test_preprocessing_comes_from_the_pretrained_config_of_the_tag(tmp_path):
     torch.save(reference.state_dict(), path)
 
     config = convert("timm", path, model_name="deit_tiny_patch16_224.fb_in1k", **TINY).config["image"]
-    model, _ = build_model(convert("timm", path, model_name="deit_tiny_patch16_224.fb_in1k", **TINY), "mmfm-test")
+    model, _ = from_converted(convert("timm", path, model_name="deit_tiny_patch16_224.fb_in1k", **TINY), "mmfm-test")
 
     pretrained = timm.models.get_pretrained_cfg("deit_tiny_patch16_224.fb_in1k")
     assert (config.mean, config.std) == (pretrained.mean, pretrained.std) != ((0.5,) * 3, (0.5,) * 3)

@@ -10,17 +10,18 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 import mmfm
-from mmfm.config import DiffusionHeadConfig
+from mmfm.config import ImageGenHeadConfig
 from mmfm.errors import ConfigError, InputError
-from mmfm.heads.diffusion import DiffusionHead, image_grid, to_pil
+from mmfm.heads.image_gen import ImageGenHead
+from mmfm.pipelines import image_grid, to_pil
 
 DIM = 32
 UNET = {"block_out_channels": [8, 16], "layers_per_block": 1, "attention_head_dim": 8, "norm_num_groups": 4}
 
 
-def _head(**fields) -> DiffusionHead:
+def _head(**fields) -> ImageGenHead:
     torch.manual_seed(0)
-    return DiffusionHead(DIM, DiffusionHeadConfig(image_size=16, **{**UNET, **fields}))
+    return ImageGenHead(DIM, ImageGenHeadConfig(image_size=16, **{**UNET, **fields}))
 
 
 def _alphas_cumprod(num_steps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02) -> torch.Tensor:

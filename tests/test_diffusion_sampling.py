@@ -8,10 +8,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.utils.torch_utils import randn_tensor
 
 from benchmarks.bench_diffusion_sampling import diffusers_loop
-from mmfm.config import DiffusionHeadConfig
+from mmfm.config import ImageGenHeadConfig
 from mmfm.errors import InputError
-from mmfm.heads.diffusion import DiffusionHead
-from mmfm.heads.diffusion_schedulers import SCHEDULERS, make_scheduler
+from mmfm.heads.image_gen import ImageGenHead
+from mmfm.heads.image_gen_schedulers import SCHEDULERS, make_scheduler
 
 DIM = 32
 UNET = {"block_out_channels": [8, 16], "layers_per_block": 1, "attention_head_dim": 8, "norm_num_groups": 4}
@@ -19,9 +19,9 @@ DIT = {"architecture": "dit", "dit_width": 32, "dit_depth": 2, "attention_head_d
 SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 
 
-def _head(**fields) -> DiffusionHead:
+def _head(**fields) -> ImageGenHead:
     torch.manual_seed(0)
-    head = DiffusionHead(DIM, DiffusionHeadConfig(image_size=16, **{**UNET, **fields})).eval()
+    head = ImageGenHead(DIM, ImageGenHeadConfig(image_size=16, **{**UNET, **fields})).eval()
     with torch.no_grad():
         head.null_cond.normal_()  # a trained-looking null condition, so guidance mixes two different branches
     return head

@@ -41,8 +41,8 @@ def test_the_trainer_trains_text_and_sound_to_image_beside_the_other_tasks(make_
     tasks = [
         {"name": "image_text", "objective": "contrastive", "inputs": ["image", "text"]},
         {"name": "audio_classify", "objective": "classify", "inputs": ["audio"]},
-        {"name": "text_to_image", "objective": "denoise", "inputs": ["text"]},
-        {"name": "audio_to_image", "objective": "denoise", "inputs": ["audio"]},
+        {"name": "text_to_image", "objective": "image_gen", "inputs": ["text"]},
+        {"name": "audio_to_image", "objective": "image_gen", "inputs": ["audio"]},
     ]
     overrides = {"image_gen": {"image_size": 8, "channels": 1}}
     recipe = make_recipe(steps=3, tasks=tasks, mixing="all", model_overrides=overrides, checkpoint_every=0)

@@ -3,18 +3,21 @@
 import hashlib
 import json
 import pickle
+import re
 import shutil
+import threading
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import mmfm
-from mmfm.checkpoint import WEIGHTS_NAME, load_state
+from mmfm.checkpoint import WEIGHTS_NAME, unique_state_dict
 from mmfm.cli import main as cli
-from mmfm.convert import Converted, build_model
+from mmfm.convert import Converted
 from mmfm.convert.io import read_state_dict
-from mmfm.errors import CheckpointError
+from mmfm.errors import CheckpointError, InputError
+from mmfm.loader import build_from_weights, from_converted
 from mmfm.pretrained import PretrainedEntry, get_pretrained, register_pretrained, unregister_pretrained
 
 
@@ -74,10 +77,63 @@ def test_loading_takes_the_memory_mapped_tensors_and_keeps_buffers_and_ties(save
     weight = loaded.backbone.blocks[0].attn.qkv.weight
     assert memory_mapped_from((directory / WEIGHTS_NAME).resolve(), weight)  # assigned, not copied
     assert weight.requires_grad and not loaded.training
-    assert loaded.heads["caption"].lm_head.weight is loaded.encoders["text"].embed.weight
+    assert loaded.heads["caption"].lm_head.weight is loaded.token_embedding.weight
     for (name, a), b in zip(model.named_buffers(), loaded.buffers()):  # RoPE tables are not in the checkpoint
         assert torch.equal(a, b), name
     _same_weights(model, loaded)
+
+
+def test_models_built_in_other_threads_while_one_loads_are_real(saved):
+    from mmfm.checkpoint import parameters_on_meta
+
+    _, directory = saved
+    start, results = threading.Barrier(2), {}
+
+    def build_normally() -> None:
+        start.wait()
+        results["built"] = [mmfm.create_model("mmfm-test") for _ in range(3)]
+
+    def load_on_meta() -> None:
+        start.wait()
+        with parameters_on_meta():
+            results["meta"] = mmfm.create_model("mmfm-test")
+            results["loaded"] = [mmfm.load(directory) for _ in range(3)]
+
+    threads = [threading.Thread(target=build_normally), threading.Thread(target=load_on_meta)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(not p.is_meta for model in results["built"] for p in model.parameters())
+    assert all(p.is_meta for p in results["meta"].parameters())
+    assert all(not p.is_meta for model in results["loaded"] for p in model.parameters())
+
+
+def test_checkpoint_tensors_are_aligned_and_read_by_safetensors(saved):
+    from safetensors import safe_open
+
+    from mmfm.checkpoint import TENSOR_ALIGNMENT
+
+    model, directory = saved
+    with safe_open(directory / WEIGHTS_NAME, "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        keys = set(f.keys())
+    assert keys == set(unique_state_dict(model))
+    loaded = mmfm.load(directory)
+    aligned = [p for p in loaded.parameters() if p.numel() * p.element_size() % TENSOR_ALIGNMENT == 0]
+    assert len(aligned) > 0.9 * len(list(loaded.parameters()))
+    assert all(p.data_ptr() % TENSOR_ALIGNMENT == 0 for p in aligned)
+
+
+def test_load_converts_dtype_once_and_moves_to_the_device(saved):
+    model, directory = saved
+    loaded = mmfm.load(directory, dtype="bfloat16", device="cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.heads["caption"].lm_head.weight is loaded.token_embedding.weight
+    torch.testing.assert_close(loaded.backbone.norm.weight, model.backbone.norm.weight.bfloat16())
+    assert loaded.embed(text=["a red square"]).dtype == torch.bfloat16
+    with pytest.raises(InputError, match="unknown dtype 'float8'"):
+        mmfm.load(directory, dtype="float8")
 
 
 def test_updating_a_loaded_model_never_writes_to_its_checkpoint(saved):
@@ -95,7 +151,7 @@ def test_updating_a_loaded_model_never_writes_to_its_checkpoint(saved):
 def test_weights_in_another_dtype_are_cast_to_the_model_dtype(saved, tmp_path):
     model, directory = saved
     state = {k: v.half() for k, v in read_state_dict(directory / WEIGHTS_NAME).items()}
-    loaded = load_state(model.config, state, "half")
+    loaded = build_from_weights(model.config, state, "half")
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     torch.testing.assert_close(loaded.backbone.norm.weight, model.backbone.norm.weight.half().float())
 
@@ -172,15 +228,15 @@ def test_converted_weights_strictness(ast_dir):
     converted = convert("ast", ast_dir)
     extra = Converted(converted.config, {**converted.state_dict, "encoders.audio.vit.extra": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): encoders.audio.vit.extra"):
-        build_model(extra, "mmfm-test", "extra")
-    model, fresh = build_model(extra, "mmfm-test", "extra", strict=False)
+        from_converted(extra, "mmfm-test", "extra")
+    model, fresh = from_converted(extra, "mmfm-test", "extra", strict=False)
     assert "backbone" in fresh and "encoders.audio" not in fresh
 
     short = dict(converted.state_dict)
     short.pop("encoders.audio.vit.norm.weight")
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): encoders.audio.vit.norm.weight"):
-        build_model(Converted(converted.config, short), "mmfm-test", "short")
-    model, _ = build_model(Converted(converted.config, short), "mmfm-test", "short", strict=False)
+        from_converted(Converted(converted.config, short), "mmfm-test", "short")
+    model, _ = from_converted(Converted(converted.config, short), "mmfm-test", "short", strict=False)
     assert torch.equal(model.encoders["audio"].vit.norm.bias, converted.state_dict["encoders.audio.vit.norm.bias"])
 
 
@@ -237,12 +293,24 @@ def test_hub_ids_come_from_the_cache_offline_and_fail_clearly_otherwise(saved, t
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
-    _same_weights(model, mmfm.load("mmfm-org/tiny"))
+    _same_weights(model, mmfm.load("hf-hub:mmfm-org/tiny"))
     with pytest.raises(CheckpointError) as e:
-        mmfm.load("mmfm-org/absent")
+        mmfm.load("hf-hub:mmfm-org/absent")
     message = str(e.value)
     assert message.startswith("mmfm-org/absent: could not fetch this Hugging Face hub id (HF_HUB_OFFLINE is set")
     assert "pass their directory" in message and "mmfm.load('path/to/dir')" in message
+
+
+@pytest.mark.parametrize("spec", ["mmfm-org/tiny", "runs/final", "./runs/final"])
+def test_only_the_hf_hub_prefix_reaches_the_hub(spec, monkeypatch):
+    import mmfm.pretrained
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"{spec} was sent to the hub")
+
+    monkeypatch.setattr(mmfm.pretrained, "download_hub", no_hub)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(spec)}: no such checkpoint directory.*'hf-hub:org/name'"):
+        mmfm.load(spec)
 
 
 # ---- mmfm convert ----

@@ -14,8 +14,8 @@ TASKS = [
     TaskConfig("image_classify", "classify", ["image"]),
     TaskConfig("image_text", "contrastive", ["image", "text"]),
     TaskConfig("audio_classify", "classify", ["audio"]),
-    TaskConfig("text_to_image", "denoise", ["text"]),
-    TaskConfig("audio_to_image", "denoise", ["audio"]),
+    TaskConfig("text_to_image", "image_gen", ["text"]),
+    TaskConfig("audio_to_image", "image_gen", ["audio"]),
     TaskConfig("image_caption", "caption", ["image"]),
 ]
 

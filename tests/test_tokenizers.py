@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmfm.config import TextConfig
-from mmfm.encoders.text import TextEncoder
+from mmfm.encoders.token_embedding import TokenEmbedding
 from mmfm.encoders.tokenizers import ByteTokenizer, ClipTokenizer, build_tokenizer
 from mmfm.errors import ConfigError, InputError
 
@@ -164,18 +164,18 @@ def test_build_tokenizer():
         build_tokenizer(TextConfig(tokenizer="sentencepiece"))
 
 
-def test_text_encoder_shape_and_init(byte_tok):
+def test_token_embedding_shape_and_init(byte_tok):
     torch.manual_seed(0)
-    encoder = TextEncoder(byte_tok.vocab_size, dim=64)
+    encoder = TokenEmbedding(byte_tok.vocab_size, dim=64)
     ids, _ = byte_tok(["a photo", "a cat"], max_length=16)
     out = encoder(ids)
     assert out.shape == (2, ids.shape[1], 64)
-    torch.testing.assert_close(out[0, 1], encoder.embed.weight[A])
-    assert abs(encoder.embed.weight.std().item() - 0.02) < 0.002
+    torch.testing.assert_close(out[0, 1], encoder.weight[A])
+    assert abs(encoder.weight.std().item() - 0.02) < 0.002
 
 
 @pytest.mark.parametrize("bad", [259, -1])
-def test_text_encoder_rejects_out_of_range_ids(bad):
-    encoder = TextEncoder(259, dim=8)
+def test_token_embedding_rejects_out_of_range_ids(bad):
+    encoder = TokenEmbedding(259, dim=8)
     with pytest.raises(InputError, match=r"\[0, 259\)"):
         encoder(torch.tensor([[1, 5, bad]]))

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import mmfm
-from mmfm.config import ModelConfig
 from mmfm.errors import ConfigError
+from mmfm.registry import read_config
 
 CLIP_TOWER = {"kind": "clip", "context_length": 32, "width": 32, "depth": 1, "num_heads": 2, "embed_dim": 32}
 
@@ -63,7 +63,7 @@ def test_a_tower_config_round_trips_yaml(tmp_path):
         contrastive={"source": {"text": "tower", "image": "backbone"}},
     ).config
     config.save(tmp_path / "config.yaml")
-    assert ModelConfig.from_file(tmp_path / "config.yaml") == config
+    assert read_config(tmp_path / "config.yaml") == config
 
 
 @pytest.mark.parametrize(

@@ -88,12 +88,12 @@ def test_no_weight_decay_on_norms_biases_embeddings_and_tokens():
     assert "backbone.blocks.0.attn.qkv.weight" in decayed
     for name in (
         "backbone.norm.weight",
-        "encoders.text.embed.weight",
+        "token_embedding.weight",
         "heads.classify.fc.bias",
         "encoders.image.vit.cls_token",
     ):
         assert any(n == name for n in spared) or name not in names.values(), name
-    assert "encoders.text.embed.weight" in spared  # tied with the LM head: counted once, as an embedding
+    assert "token_embedding.weight" in spared  # tied with the LM head: counted once, as an embedding
     assert not any("norm" in n for n in decayed)
     assert len(decayed) + len(spared) == len({id(p) for p in model.parameters()})
 

@@ -120,7 +120,7 @@ def test_unknown_recipe_key_and_bad_task_are_named(make_recipe):
     with pytest.raises(ConfigError, match="override 'steps' is not KEY=VALUE|steps must be positive"):
         TrainConfig.from_file(make_recipe(), {"steps": 0})
     no_gen = make_recipe(
-        model_overrides={"image_gen": None}, tasks=[{"name": "g", "objective": "denoise", "inputs": ["text"]}]
+        model_overrides={"image_gen": None}, tasks=[{"name": "g", "objective": "image_gen", "inputs": ["text"]}]
     )
     config = TrainConfig.from_file(no_gen)
     with pytest.raises(ConfigError, match="needs the model's 'image_gen' head"):

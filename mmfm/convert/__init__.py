@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from mmfm.config import ModelConfig, merge
 from mmfm.errors import CheckpointError, ConfigError
@@ -39,7 +39,7 @@ from mmfm.errors import CheckpointError, ConfigError
 __all__ = [
     "Converted",
     "build_config",
-    "build_model",
+    "component_of",
     "convert",
     "get_converter",
     "list_sources",
@@ -165,32 +165,7 @@ def build_config(config: ModelConfig | dict[str, Any], base: ModelConfig | str =
     return ModelConfig.from_dict(data, source=f"{base.name} with converted {', '.join(sorted(config))}")
 
 
-def build_model(
-    converted: Converted, base: ModelConfig | str = "mmfm-base", source: str = "<converted>", strict: bool = True
-) -> tuple[nn.Module, list[str]]:
-    """The `MultimodalModel` holding converted weights; components they do not bring come from `base`.
-
-    Args:
-        converted: a converter's output.
-        base: see `build_config`.
-        source: the checkpoint's name for error messages.
-        strict: refuse weights the model has no place for, and missing weights inside the components the
-            converted weights bring (mis-shaped weights are always refused).
-
-    Returns:
-        The model in eval mode, and the names of its freshly initialised components ("backbone",
-        "heads.caption", ...), empty when the weights cover the whole model.
-    """
-    from mmfm.checkpoint import load_state, unique_state_dict
-
-    config = build_config(converted.config, base)
-    brought = tuple(sorted({_component(k) + "." for k in converted.state_dict}))
-    model = load_state(config, converted.state_dict, source, strict=strict, required=brought)
-    # `k + "."`: a component can be a single tensor (heads.contrastive.logit_scale)
-    return model, sorted({_component(k) for k in unique_state_dict(model) if not (k + ".").startswith(brought)})
-
-
-def _component(key: str) -> str:
+def component_of(key: str) -> str:
     """The model component a state-dict key belongs to: "encoders.audio.vit.cls_token" -> "encoders.audio"."""
     parts = key.split(".")
     if parts[:2] == ["heads", "contrastive"]:

@@ -3,11 +3,11 @@
 ```python
 converted = mmfm.convert.convert("diffusers", "pipeline/")      # unet/, and vae/ and scheduler/ when present
 converted = mmfm.convert.convert("diffusers", "unet/", vae_path="vae/")   # a bare UNet and its VAE
-model, fresh = mmfm.convert.build_model(converted, base="mmfm-base")
+model, fresh = mmfm.loader.from_converted(converted, base="mmfm-base")
 ```
 
 mmfm's image generation head builds its denoiser as a diffusers `UNet2DConditionModel`
-(`mmfm.heads.diffusion._build_denoiser`), so the key map is the identity under a prefix:
+(`mmfm.heads.image_gen._build_denoiser`), so the key map is the identity under a prefix:
 
     {key}                                   -> heads.image_gen.denoiser.{key}
     (none)                                  -> heads.image_gen.null_cond = zeros(cross_attention_dim)
@@ -16,7 +16,7 @@ The head's learned null condition for classifier-free guidance has no diffusers 
 an empty prompt instead), so it starts at the head's own initial value, zeros, as in a fresh mmfm head; training
 with `cond_dropout` > 0 learns it.
 
-What has to be translated is the config. The UNet's config.json gives `DiffusionHeadConfig`'s architecture:
+What has to be translated is the config. The UNet's config.json gives `ImageGenHeadConfig`'s architecture:
 `block_out_channels`, `layers_per_block`, `norm_num_groups`, `sample_size` (-> `image_size`, times the VAE's
 downsampling factor in latent space), `in_channels` (-> `channels` in pixel space), and `attention_head_dim`,
 which diffusers reads as the number of heads per level (a naming slip it keeps), so mmfm's channels per head
@@ -30,8 +30,8 @@ converted config sets `backbone.dim` to it (merged over the base preset: the bac
 heads). Conversion never brings backbone weights (it is always freshly initialised), so this costs nothing the
 base had; a base whose `backbone.num_heads` does not divide that width is refused by config validation, which
 names both fields. Like the towers of the other converters, the head's config is the checkpoint's as a whole
-(`DiffusionHeadConfig`): sampling defaults (`scheduler`, `num_inference_steps`, `guidance_scale`) and
-`cond_dropout` are `DiffusionHeadConfig`'s defaults, not the base preset's.
+(`ImageGenHeadConfig`): sampling defaults (`scheduler`, `num_inference_steps`, `guidance_scale`) and
+`cond_dropout` are `ImageGenHeadConfig`'s defaults, not the base preset's.
 
 A pipeline's scheduler/scheduler_config.json gives the noise schedule: `num_train_timesteps`, `beta_schedule`,
 `beta_start`, `beta_end`, `prediction_type`, `timestep_spacing` (fields it lacks take `DDPMScheduler`'s
@@ -42,12 +42,12 @@ rescaling, flow matching, "sample" prediction) are refused.
 With a VAE (a pipeline's vae/, or `vae_path=`) the head works in latent space. The VAE is not converted: it stays
 the diffusers `AutoencoderKL` directory it is, `image_gen.vae_path` names it (absolute), and the head loads it
 from there whenever the model is built or loaded, so that directory must stay where it is (see
-`mmfm.heads.diffusion`).
+`mmfm.heads.image_gen`).
 
 A pipeline's text encoder and tokenizer are not read: in mmfm the UNet cross-attends to the backbone's states,
 which are freshly initialised, so a converted UNet's conditioning means nothing until the model is trained. A
 diffusers directory has no config.json `model_type`, so `mmfm.load` does not recognise one; go through
-`convert` + `build_model`, or `mmfm convert DIR OUT/ --from diffusers`.
+`convert` + `mmfm.loader.from_converted`, or `mmfm convert DIR OUT/ --from diffusers`.
 """
 
 from __future__ import annotations
@@ -61,12 +61,12 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor
 
-from mmfm.config import DiffusionHeadConfig
+from mmfm.config import ImageGenHeadConfig
 from mmfm.convert import Converted, register_converter
 from mmfm.convert.io import read_state_dict
 from mmfm.convert.keys import check_shapes
 from mmfm.errors import CheckpointError, ConfigError
-from mmfm.heads.diffusion import _build_denoiser
+from mmfm.heads.image_gen import _build_denoiser
 
 PREFIX = "heads.image_gen.denoiser."
 NULL_COND = "heads.image_gen.null_cond"
@@ -119,7 +119,7 @@ def convert_diffusers(path: str | Path, vae_path: str | Path | None = None, vari
         variant: the weights' variant, as diffusers names it ("fp16" reads diffusion_pytorch_model.fp16.safetensors).
 
     Returns:
-        `config = {"image_gen": DiffusionHeadConfig(...), "backbone": {"dim": cross_attention_dim}}`, and the UNet's
+        `config = {"image_gen": ImageGenHeadConfig(...), "backbone": {"dim": cross_attention_dim}}`, and the UNet's
         weights under `heads.image_gen.denoiser.` with a zero `heads.image_gen.null_cond`.
 
     Raises:
@@ -152,7 +152,7 @@ def convert_diffusers(path: str | Path, vae_path: str | Path | None = None, vari
             f"{unet_dir / CONFIG_NAME}: in_channels {channels} cannot be pixels (1 or 3 channels); a latent-space UNet "
             "needs its VAE: a vae/ folder beside unet/, or vae_path="
         )
-    head = DiffusionHeadConfig(
+    head = ImageGenHeadConfig(
         space="pixel" if vae_dir is None else "latent",
         architecture="unet",
         image_size=geometry["sample_size"] * factor,
@@ -249,7 +249,7 @@ def unet_geometry(unet: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def noise_schedule_fields(scheduler: dict[str, Any] | None, source: str) -> dict[str, Any]:
-    """`DiffusionHeadConfig`'s noise schedule fields from a parsed scheduler_config.json ({} for None).
+    """`ImageGenHeadConfig`'s noise schedule fields from a parsed scheduler_config.json ({} for None).
 
     Raises:
         ConfigError: a schedule mmfm cannot train or sample with, naming each field and value.
@@ -263,7 +263,7 @@ def noise_schedule_fields(scheduler: dict[str, Any] | None, source: str) -> dict
         )
     defaults = {k: p.default for k, p in inspect.signature(DDPMScheduler.__init__).parameters.items()}
     fields = {key: scheduler.get(key, defaults[key]) for key in SCHEDULE_FIELDS}
-    hints = get_type_hints(DiffusionHeadConfig)
+    hints = get_type_hints(ImageGenHeadConfig)
     problems = [
         f"{key} {fields[key]!r} (mmfm's head takes {', '.join(map(repr, get_args(hints[key])))})"
         for key in ("beta_schedule", "prediction_type", "timestep_spacing")

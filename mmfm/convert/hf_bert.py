@@ -2,7 +2,7 @@
 
 ```python
 converted = mmfm.convert.convert("hf_bert", "all-MiniLM-L6-v2/")   # config.json, weights, vocab.txt, ST files
-model, _ = mmfm.convert.build_model(converted, "mmfm-tiny")
+model, _ = mmfm.loader.from_converted(converted, "mmfm-tiny")
 model = mmfm.load("all-MiniLM-L6-v2/", base="mmfm-tiny")           # the same: config.json says model_type "bert"
 model.embed(text=["a cat sits on the mat"])                         # sentence-transformers' embedding
 ```

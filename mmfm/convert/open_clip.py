@@ -3,7 +3,7 @@
 ```python
 converted = mmfm.convert.convert("open_clip", "clip_b32/")  # open_clip_config.json + open_clip_model.safetensors
 converted = mmfm.convert.convert("open_clip", "b32.bin", model_name="ViT-B-32", towers=("text",))
-model, _ = mmfm.convert.build_model(converted, "mmfm-base")
+model, _ = mmfm.loader.from_converted(converted, "mmfm-base")
 model.classify(images=["cat.jpg"], labels=["cat", "dog"])             # zero-shot through both towers
 ```
 

@@ -3,7 +3,7 @@
 ```python
 config, state = mmfm.convert.convert("timm", "b16.safetensors", model_name="vit_base_patch16_224.augreg2_in21k_ft_in1k")
 converted = mmfm.convert.convert("timm", "hub_snapshot/")  # timm's hub layout: config.json + model.safetensors
-model, fresh = mmfm.convert.build_model(converted, "mmfm-small")  # or mmfm.load("vit-b-16-augreg-in21k-ft-in1k")
+model, fresh = mmfm.loader.from_converted(converted, "mmfm-small")  # or mmfm.load("vit-b-16-augreg-in21k-ft-in1k")
 ```
 
 The model name (or the directory's config.json) decides the architecture, and the file must hold exactly its

@@ -21,16 +21,28 @@ errors naming the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from mmfm.config import MODALITIES, build_dataclass, merge, nest_dotted, read_yaml_mapping, to_plain
+from mmfm.config import (
+    MODALITIES,
+    OBJECTIVE_HEADS,
+    build_dataclass,
+    merge,
+    nest_dotted,
+    objective_class,
+    read_yaml_mapping,
+    to_plain,
+)
 from mmfm.errors import ConfigError
 
-OBJECTIVES = ("caption", "classify", "contrastive", "denoise")
+ObjectiveName = Literal[tuple(OBJECTIVE_HEADS)]
+# Objective names of earlier releases -> today's; a recipe using one still runs, with a warning.
+RENAMED_OBJECTIVES = {"denoise": "image_gen"}
 
 
 @dataclass
@@ -61,14 +73,15 @@ class TaskConfig:
         name: the task's name in logs and metrics.
         objective: "caption" (next-token loss of the caption given `inputs`; no inputs is a text-only LM),
             "classify" (the trained head over `inputs`), "contrastive" (InfoNCE between the two `inputs`) or
-            "denoise" (the diffusion head learns the example's image conditioned on `inputs`).
+            "image_gen" (the image_gen head learns to generate the example's image conditioned on `inputs`;
+            formerly "denoise"). Each is served by a head: `mmfm.config.HEADS`.
         inputs: modalities the objective reads ("image", "audio", "text").
         weight: multiplies the task's loss.
         ratio: relative share of optimizer steps spent on this task.
     """
 
     name: str = ""
-    objective: Literal["caption", "classify", "contrastive", "denoise"] = "caption"
+    objective: ObjectiveName = "caption"
     inputs: list[str] = field(default_factory=list)
     weight: float = 1.0
     ratio: float = 1.0
@@ -203,12 +216,28 @@ class TrainConfig:
         if overrides:
             data = merge(data, nest_dotted(overrides, source))
             source = f"{source} with overrides {overrides}"
-        config = build_dataclass(cls, data, source)
+        config = build_dataclass(cls, _rename_objectives(data, source), source)
         validate_train(config, source)
         return config
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(dataclasses.asdict(self))
+
+
+def _rename_objectives(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """`data` with objective names of earlier releases replaced by today's, each with a warning."""
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list):
+        return data
+    renamed = []
+    for task in tasks:
+        old = task.get("objective") if isinstance(task, dict) else None
+        if isinstance(old, str) and old in RENAMED_OBJECTIVES:
+            new = RENAMED_OBJECTIVES[old]
+            warnings.warn(f"{source}: objective '{old}' is now called '{new}'", FutureWarning, stacklevel=4)
+            task = {**task, "objective": new}
+        renamed.append(task)
+    return {**data, "tasks": renamed}
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -240,14 +269,7 @@ def validate_train(config: TrainConfig, source: str) -> None:
         unknown = [m for m in task.inputs if m not in MODALITIES]
         if unknown:
             fail(f"{where}.inputs: unknown modality {unknown} (known: {', '.join(MODALITIES)})")
-        if task.objective == "contrastive" and len(set(task.inputs)) != 2:
-            fail(f"{where}: a contrastive task needs two different inputs, e.g. [image, text]; got {task.inputs}")
-        if task.objective in ("classify", "denoise") and len(task.inputs) != 1:
-            fail(f"{where}: a {task.objective} task reads one input modality, got {task.inputs}")
-        if task.objective == "classify" and task.inputs[0] == "text":
-            fail(f"{where}: classify reads image or audio, not text")
-        if task.objective == "caption" and "text" in task.inputs:
-            fail(f"{where}: a caption task's inputs are media (image, audio) or none for a text-only LM")
+        objective_class(task.objective).check_inputs(task.inputs, lambda msg, where=where: fail(f"{where}: {msg}"))
         if task.weight < 0 or task.ratio <= 0:
             fail(f"{where}: weight must be >= 0 and ratio > 0, got weight={task.weight}, ratio={task.ratio}")
     for key in ("steps", "batch_size", "grad_accum", "keep_last", "log_every"):

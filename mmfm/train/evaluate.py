@@ -21,15 +21,13 @@ from torch.utils.data import DataLoader
 from mmfm.config import MEDIA_MODALITIES, build_dataclass
 from mmfm.data import Batch, Collator, EpochSampler, ManifestDataset
 from mmfm.errors import ConfigError
+from mmfm.heads.caption import CaptionObjective
+from mmfm.heads.classify import ClassifyObjective
+from mmfm.heads.contrastive import ContrastiveObjective
+from mmfm.objective import Objective, media_of
+from mmfm.pipelines import caption_tensors
 from mmfm.train.config import TaskConfig
-from mmfm.train.objectives import (
-    CaptionObjective,
-    ClassifyObjective,
-    ContrastiveObjective,
-    Objective,
-    build_objective,
-    media_of,
-)
+from mmfm.train.objectives import build_objective
 
 RECIPE_NAME = "train_config.yaml"  # what `mmfm train` writes into the run folder
 
@@ -78,7 +76,7 @@ def _caption_metrics(model, objective, batch: Batch, rows, name, sums, counts, m
     counts[f"{name}/token_accuracy"] += float(real.sum())
     if not objective.inputs:  # a text-only LM has nothing to caption
         return
-    generated = model.caption_tensors(media, max_new_tokens=max_new_tokens)
+    generated = caption_tensors(model, media, max_new_tokens=max_new_tokens)
     references = [refs for refs, keep in zip(batch.captions, rows.tolist()) if keep]
     sums[f"{name}/exact_match"] += sum(g.strip() in [r.strip() for r in refs] for g, refs in zip(generated, references))
     counts[f"{name}/exact_match"] += len(generated)
@@ -111,7 +109,7 @@ def evaluate_manifest(
     checkpoint), else from the model's heads and the fields the manifest has. Returns the metrics and up
     to `samples` example outputs per caption and classification task, as printable lines.
     """
-    from mmfm.factory import load
+    from mmfm.loader import load
 
     model = load(model_dir)
     dataset = ManifestDataset(manifest)
@@ -159,7 +157,7 @@ def _samples(model, objectives, dataset, collate, count: int) -> list[str]:
         rows = objective.rows(batch)
         if isinstance(objective, CaptionObjective) and objective.inputs:
             (m,) = objective.inputs[:1]
-            texts = model.caption_tensors(media_of(batch, objective.inputs, rows))
+            texts = caption_tensors(model, media_of(batch, objective.inputs, rows))
             sources = [dataset[int(i)][m] for i in batch.index[rows]]
             lines += [f"{name}: {Path(src).name} -> {text!r}" for src, text in zip(sources, texts)]
         elif isinstance(objective, ClassifyObjective):

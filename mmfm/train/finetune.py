@@ -27,8 +27,8 @@ _ENCODER_TARGETS = r"encoders\.(image|audio)\..*blocks\.\d+\.(attn\.(qkv|proj)|m
 
 def parameter_groups(model: nn.Module) -> list[str]:
     """Names `freeze` accepts: every module group and its members ("encoders", "encoders.image", ...)."""
-    names = []
-    for group in ("encoders", "projectors", "heads"):
+    names = ["token_embedding"]
+    for group in ("encoders", "projectors", "towers", "heads"):
         names.append(group)
         names.extend(f"{group}.{k}" for k in getattr(model, group))
     names.append("backbone")

@@ -21,11 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mmfm.checkpoint import CONFIG_NAME, load_weights, read_weights, unique_state_dict
-from mmfm.config import ModelConfig
+from mmfm.checkpoint import load_weights, read_weights
 from mmfm.data import Collator, EpochSampler, ManifestDataset, cache_media
 from mmfm.errors import ConfigError, MMFMError
-from mmfm.factory import create_model
+from mmfm.loader import create_model, for_finetuning, upgrade_keys
 from mmfm.model import MultimodalModel
 from mmfm.train import distributed as D
 from mmfm.train.checkpointing import list_checkpoints, load_trainer_state, save_checkpoint
@@ -59,25 +58,15 @@ class TaskLosses(nn.Module):
         return loss, torch.stack([value.detach() for value in sums])
 
 
-def build_model(config: TrainConfig) -> tuple[MultimodalModel, list[str]]:
+def model_for_training(config: TrainConfig) -> tuple[MultimodalModel, list[str]]:
     """The model to train and notes on how its weights were initialised.
 
-    A saved directory is fine-tuned: its config (with `model_overrides`) is rebuilt and its weights loaded;
-    head weights whose shape the overrides changed (a new label set) start fresh and are reported.
+    A saved directory is fine-tuned (`mmfm.loader.for_finetuning`: its config with `model_overrides`, its
+    weights, fresh heads where the overrides change their labels or shapes); anything else is built fresh.
     """
-    path = Path(config.model)
-    if not path.is_dir():
-        return create_model(config.model, **config.model_overrides), []
-    saved = ModelConfig.from_file(path / CONFIG_NAME)
-    model_config = saved.with_overrides(config.model_overrides, f"{path} + model_overrides")
-    model = MultimodalModel(model_config)
-    state = dict(read_weights(path))
-    expected = unique_state_dict(model)
-    fresh = sorted(k for k in state if k in expected and k.startswith("heads.") and state[k].shape != expected[k].shape)
-    for key in fresh:
-        del state[key]
-    notes = [n for n in load_weights(model, state, str(path), strict=False) if n.removeprefix("missing: ") not in fresh]
-    return model, notes + [f"re-initialised (new shape): {k}" for k in fresh]
+    if Path(config.model).is_dir():
+        return for_finetuning(config.model, config.model_overrides)
+    return create_model(config.model, **config.model_overrides), []
 
 
 class Trainer:
@@ -100,7 +89,7 @@ class Trainer:
         self.micro_batch = config.batch_size // (accum * world)
 
         torch.manual_seed(config.seed)
-        self.model, self.init_notes = build_model(config)
+        self.model, self.init_notes = model_for_training(config)
         if config.grad_checkpointing:
             self.model.backbone.grad_checkpointing = True
         self.objectives = {t.name: build_objective(t, self.model) for t in config.tasks}
@@ -117,7 +106,7 @@ class Trainer:
         self.start_step, self.epoch, self.epoch_batches = 0, 0, 0
         resume_from = list_checkpoints(self.run_dir)[-1] if config.resume and list_checkpoints(self.run_dir) else None
         if resume_from is not None:
-            load_weights(self.model, read_weights(resume_from), str(resume_from))
+            load_weights(self.model, upgrade_keys(read_weights(resume_from)), str(resume_from))
         self.losses = D.wrap(
             TaskLosses(self.model, self.objectives), self.model.backbone.blocks, config.distributed, self.env
         )

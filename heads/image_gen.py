@@ -3,8 +3,8 @@
 The denoiser is a diffusers `UNet2DConditionModel` or a DiT-style `PixArtTransformer2DModel`; its
 cross-attention reads the backbone's hidden states of the conditioning sequence (a text, an image, a clip).
 Classifier-free guidance uses a learned null condition that training swaps in for a random `cond_dropout`
-fraction of the examples. Schedulers come from diffusers (`mmfm.heads.diffusion_schedulers`); the loop that
-drives them is written out in `DiffusionHead.sample`.
+fraction of the examples. Schedulers come from diffusers (`mmfm.heads.image_gen_schedulers`); the loop that
+drives them is written out in `ImageGenHead.sample`.
 
 In latent space a frozen diffusers `AutoencoderKL` is read from `config.vae_path` whenever the head is built.
 Its weights are *not* part of the head's state dict: `save_pretrained` leaves them out (a checkpoint stays the
@@ -16,23 +16,29 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mmfm.config import DiffusionHeadConfig
+from mmfm.config import ImageGenHeadConfig
 from mmfm.errors import ConfigError, InputError
-from mmfm.heads.diffusion_schedulers import make_scheduler
+from mmfm.heads.image_gen_schedulers import make_scheduler
+from mmfm.objective import Objective, media_of
+
+if TYPE_CHECKING:
+    from mmfm.data import Batch
+    from mmfm.model import MultimodalModel
 
 
-class DiffusionHead(nn.Module):
+class ImageGenHead(nn.Module):
     """A conditional denoiser (+ a frozen VAE in latent space), its training loss and its sampler.
 
     Args:
@@ -47,7 +53,11 @@ class DiffusionHead(nn.Module):
         noise_schedule: the diffusers DDPM scheduler whose `add_noise` / `get_velocity` make training targets.
     """
 
-    def __init__(self, dim: int, config: DiffusionHeadConfig):
+    @classmethod
+    def build(cls, model: MultimodalModel, config: ImageGenHeadConfig) -> ImageGenHead:
+        return cls(model.config.backbone.dim, config)
+
+    def __init__(self, dim: int, config: ImageGenHeadConfig):
         super().__init__()
         self.config = config
         self.vae: AutoencoderKL | None = None
@@ -268,7 +278,7 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> N
         raise InputError(f"{name} must be a whole number {span}, got {value!r}")
 
 
-def _load_vae(config: DiffusionHeadConfig) -> AutoencoderKL:
+def _load_vae(config: ImageGenHeadConfig) -> AutoencoderKL:
     """The frozen AutoencoderKL of `config.vae_path`, checked against the config's channels."""
     path = Path(config.vae_path)
     if not (path / "config.json").is_file():
@@ -288,7 +298,7 @@ def _load_vae(config: DiffusionHeadConfig) -> AutoencoderKL:
     return vae.requires_grad_(False).eval()
 
 
-def _build_denoiser(config: DiffusionHeadConfig, dim: int, channels: int, sample_size: int) -> nn.Module:
+def _build_denoiser(config: ImageGenHeadConfig, dim: int, channels: int, sample_size: int) -> nn.Module:
     """The diffusers UNet or DiT over `channels`-channel inputs of side `sample_size`, cross-attending to width dim."""
     if config.architecture == "dit":
         return PixArtTransformer2DModel(
@@ -321,28 +331,34 @@ def _build_denoiser(config: DiffusionHeadConfig, dim: int, channels: int, sample
     )
 
 
-def _drop_vae_weights(module: DiffusionHead, state_dict: dict[str, Tensor], prefix: str, local_metadata: dict) -> None:
+def _drop_vae_weights(module: ImageGenHead, state_dict: dict[str, Tensor], prefix: str, local_metadata: dict) -> None:
     for key in [k for k in state_dict if k.startswith(prefix + "vae.")]:
         del state_dict[key]
 
 
-def _keep_vae_weights(module: DiffusionHead, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+def _keep_vae_weights(module: ImageGenHead, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
     # A state dict without the VAE (what save_pretrained writes) loads the VAE's own weights onto itself.
     for key, value in module.vae.state_dict(prefix=prefix + "vae.").items():
         state_dict.setdefault(key, value)
 
 
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """(N, C, H, W) images in [0, 1] -> N 8-bit PIL images, mode L for one channel and RGB for three."""
-    array = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a) for a in array]
+class ImageGenObjective(Objective):
+    """The image_gen head's denoising loss on the example's image, conditioned on the `inputs` modality."""
 
+    @classmethod
+    def check_inputs(cls, inputs: Sequence[str], fail: Callable[[str], None]) -> None:
+        if len(inputs) != 1:
+            fail(f"an image_gen task reads one input modality, got {list(inputs)}")
 
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Pastes equally sized images row by row, `columns` to a row, into one image (blank cells stay black)."""
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new(images[0].mode, (columns * width, rows * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * width, (i // columns) * height))
-    return grid
+    def needs(self) -> list[str]:
+        return ["image", *[("caption" if m == "text" else m) for m in self.inputs]]
+
+    def loss_sum(self, model, batch: Batch, across_ranks: bool = False) -> Tensor:
+        rows = self.rows(batch)
+        (source,) = self.inputs
+        if source == "text":
+            media, ids, mask = {}, batch.caption_ids[rows], batch.caption_mask[rows]
+        else:
+            media, ids, mask = media_of(batch, [source], rows), None, None
+        target = model.image_gen_targets(batch.image[rows])
+        return model.image_gen_loss(media, ids, mask, target, reduction="sum")

@@ -6,7 +6,7 @@ import torch
 import mmfm
 from mmfm.decoding import CachedDecoder, RecomputingDecoder
 from mmfm.errors import InputError
-from mmfm.generation import GenerationConfig, filter_logits, generate
+from mmfm.text_generation import GenerationConfig, filter_logits, generate
 
 NEVER = -1  # an EOS id no model can emit: every row runs to max_new_tokens
 

@@ -8,21 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+import diffusers
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from mmfm.config import DiffusionHeadConfig
+from mmfm.config import SCHEDULERS, ImageGenHeadConfig
 from mmfm.errors import InputError
 
-SCHEDULERS: dict[str, type[SchedulerMixin]] = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpmsolver++": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-}
 
-
-def noise_schedule(config: DiffusionHeadConfig) -> dict[str, Any]:
+def noise_schedule(config: ImageGenHeadConfig) -> dict[str, Any]:
     """The scheduler arguments every sampler shares: the training noise schedule and what the denoiser predicts."""
     return {
         "num_train_timesteps": config.num_train_timesteps,
@@ -34,7 +27,7 @@ def noise_schedule(config: DiffusionHeadConfig) -> dict[str, Any]:
     }
 
 
-def make_scheduler(name: str, config: DiffusionHeadConfig) -> SchedulerMixin:
+def make_scheduler(name: str, config: ImageGenHeadConfig) -> SchedulerMixin:
     """A fresh diffusers scheduler of the named kind over `config`'s noise schedule.
 
     No sampler clips (or thresholds) its estimate of the clean image: DDIM's `clip_sample` clamps that estimate
@@ -43,7 +36,8 @@ def make_scheduler(name: str, config: DiffusionHeadConfig) -> SchedulerMixin:
     from it there either, and latents have no fixed range to clip to.
 
     Args:
-        name: "ddpm", "ddim", "dpmsolver++" (multistep, second order) or "euler" (Euler discrete, no churn).
+        name: a key of `mmfm.config.SCHEDULERS`: "ddpm", "ddim", "dpmsolver++" (multistep, second order) or
+            "euler" (Euler discrete, no churn).
         config: the image_gen head config whose noise schedule the scheduler walks back.
 
     Raises:
@@ -51,9 +45,5 @@ def make_scheduler(name: str, config: DiffusionHeadConfig) -> SchedulerMixin:
     """
     if name not in SCHEDULERS:
         raise InputError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULERS)}")
-    kwargs = noise_schedule(config)
-    if name in ("ddpm", "ddim"):
-        kwargs["clip_sample"] = False  # both default to True
-    elif name == "dpmsolver++":
-        kwargs.update(algorithm_type="dpmsolver++", solver_order=2)
-    return SCHEDULERS[name](**kwargs)
+    class_name, kwargs = SCHEDULERS[name]
+    return getattr(diffusers, class_name)(**noise_schedule(config), **kwargs)

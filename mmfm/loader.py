@@ -1,0 +1,290 @@
+"""The one loader: every way a model comes into being, a random architecture or saved or converted weights.
+
+`create_model` builds random weights from a name or YAML; `load` reads weights from an explicit source:
+
+- a path that exists: an mmfm checkpoint folder (config.yaml + model.safetensors or shards), a weights file with
+  config.yaml beside it, or a Hugging Face folder whose config.json `model_type` a converter reads;
+- a tag from `mmfm.list_pretrained()`;
+- `hf-hub:org/name`, a Hugging Face hub repository. Only this prefix reaches the hub, as in timm, so a
+  mistyped local path is an error, never a download.
+
+The trainer, the CLI and `mmfm convert` load through this module. Models are built with their parameters on the
+meta device and take the checkpoint's tensors as they are (memory-mapped safetensors stay mapped).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmfm.checkpoint import CONFIG_NAME, load_weights, parameters_on_meta, read_weights, unique_state_dict
+from mmfm.config import ModelConfig
+from mmfm.errors import CheckpointError, ConfigError, InputError
+from mmfm.model import MultimodalModel
+from mmfm.registry import get_preset, read_config
+
+HUB_PREFIX = "hf-hub:"
+# The preset that supplies what converted weights (one tower, say) do not bring, unless a tag or caller says.
+DEFAULT_BASE = "mmfm-base"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+YAML_SUFFIXES = (".yaml", ".yml")
+# State-dict keys of earlier mmfm releases -> today's (`upgrade_keys`).
+RENAMED_KEYS = {"encoders.text.embed.weight": "token_embedding.weight"}
+
+
+def create_model(name_or_path: str | Path, **overrides: Any) -> MultimodalModel:
+    """A randomly initialised model from a registered preset name or a YAML config/recipe file.
+
+    Args:
+        name_or_path: a name from `mmfm.list_models()`, or the path of a `.yaml` file.
+        **overrides: config fields to change, nested (`backbone={"depth": 2}`); dotted keys go through a
+            dict: `create_model(name, **{"backbone.depth": 2})`.
+    """
+    path = Path(name_or_path)
+    config = read_config(path) if path.suffix in YAML_SUFFIXES else get_preset(str(name_or_path))
+    source = str(name_or_path)
+    if overrides:
+        source = f"{name_or_path} with overrides {overrides}"
+        config = config.with_overrides(overrides, source=source)
+    try:
+        return MultimodalModel(config)
+    except ConfigError as e:  # an encoder refused its settings: say which config they came from
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def load(
+    spec: str | Path,
+    *,
+    strict: bool = True,
+    base: str | ModelConfig | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> MultimodalModel:
+    """Loads a pretrained model, in eval mode, from an explicit source (see the module docstring).
+
+    Args:
+        spec: a local folder or weights file, a pretrained tag, or "hf-hub:org/name".
+        strict: refuse missing or unexpected weights (mis-shaped weights are always refused). For weights
+            converted from another library, "missing" means missing from the components they bring.
+        base: for converted weights, the preset name or config that supplies the other components (they are
+            freshly initialised, with a warning); default: the tag's base, else "mmfm-base".
+        device: where the model goes, e.g. "cuda"; default: the CPU.
+        dtype: the parameters' dtype (torch.bfloat16 or "bfloat16", ...); the weights are converted once, as
+            they are read.
+
+    Raises:
+        CheckpointError: naming the input and what was wrong with it.
+    """
+    from mmfm.pretrained import download_hub, fetch, get_pretrained, is_pretrained_tag
+
+    text = str(spec)
+    dtype = parse_dtype(dtype)
+    if text.startswith(HUB_PREFIX):
+        model = _load_local(download_hub(text.removeprefix(HUB_PREFIX)), strict, base, dtype)
+    elif Path(spec).exists():
+        model = _load_local(Path(spec), strict, base, dtype)
+    elif is_pretrained_tag(text):
+        entry = get_pretrained(text)
+        location = fetch(entry)
+        model = _load_local(location, strict, base or entry.base, dtype, entry.source, entry.convert_kwargs)
+    else:
+        raise CheckpointError(
+            f"{spec}: no such checkpoint directory or file, nor a pretrained tag (see mmfm.list_pretrained()); "
+            f"a Hugging Face hub repository is written with its prefix: '{HUB_PREFIX}org/name'"
+        )
+    return model.to(device) if device is not None else model
+
+
+def open_model(
+    spec: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+) -> tuple[MultimodalModel, bool]:
+    """What a `--model` argument names: saved weights (`load`), or an architecture with random weights.
+
+    Args:
+        spec: anything `load` takes, or a preset name or YAML config for `create_model`.
+        device: where the model goes.
+        dtype: the parameters' dtype.
+
+    Returns:
+        The model in eval mode, and whether its weights are random (an architecture, not a checkpoint).
+    """
+    text = str(spec)
+    from mmfm.pretrained import is_pretrained_tag
+
+    architecture = Path(spec).suffix in YAML_SUFFIXES or not (
+        Path(spec).exists() or text.startswith(HUB_PREFIX) or is_pretrained_tag(text) or "/" in text
+    )
+    if not architecture:
+        return load(spec, device=device, dtype=dtype), False
+    model = create_model(spec).eval()
+    dtype = parse_dtype(dtype)
+    return model.to(device=device, dtype=dtype), True
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from itself or its name ("float32", "bfloat16", "float16"); None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def upgrade_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's state dict with the keys of earlier mmfm releases renamed to today's (`RENAMED_KEYS`)."""
+    return {RENAMED_KEYS.get(k, k): v for k, v in state.items()}
+
+
+def build_from_weights(
+    config: ModelConfig,
+    state: dict[str, Tensor],
+    source: str,
+    strict: bool = True,
+    required: tuple[str, ...] | None = None,
+    dtype: torch.dtype | None = None,
+) -> MultimodalModel:
+    """Builds the model `config` describes around the weights in `state`; returns it in eval mode.
+
+    The model is built with its parameters on the meta device and takes `state`'s tensors as they are
+    (memory-mapped safetensors stay mapped), so loading neither initialises nor copies the weights. When
+    `state` lacks some weights (allowed by `strict=False` or `required`), the model is built normally instead,
+    so those keep their fresh initialisation.
+
+    Args:
+        config: the model's config.
+        state: weights under `MultimodalModel` keys (earlier releases' keys are renamed).
+        source: the file or directory they came from, named in errors.
+        strict: refuse missing or unexpected weights (mis-shaped weights are always refused).
+        required: with strict, only keys under these prefixes count as missing (see `checkpoint.load_weights`).
+        dtype: convert the weights to this dtype as they are taken (default: keep the model's float32).
+    """
+    state = upgrade_keys(state)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    with parameters_on_meta():
+        model = MultimodalModel(config)
+    if set(unique_state_dict(model)) - set(state):
+        model = MultimodalModel(config)
+    if dtype is not None:
+        model.to(dtype)
+    load_weights(model, state, source, strict=strict, required=required)
+    return model.eval()
+
+
+def from_converted(
+    converted: Any, base: ModelConfig | str = DEFAULT_BASE, source: str = "<converted>", strict: bool = True
+) -> tuple[MultimodalModel, list[str]]:
+    """The model holding a converter's weights (`mmfm.convert.convert`); components they lack come from `base`.
+
+    Args:
+        converted: a converter's output (`mmfm.convert.Converted`).
+        base: the config, or preset name, that supplies every component the converter did not bring.
+        source: the checkpoint's name for error messages.
+        strict: refuse weights the model has no place for, and missing weights inside the components the
+            converted weights bring (mis-shaped weights are always refused).
+
+    Returns:
+        The model in eval mode, and the names of its freshly initialised components ("backbone",
+        "heads.caption", ...), empty when the weights cover the whole model.
+    """
+    from mmfm.convert import build_config, component_of
+
+    config = build_config(converted.config, base)
+    brought = tuple(sorted({component_of(k) + "." for k in converted.state_dict}))
+    model = build_from_weights(config, converted.state_dict, source, strict=strict, required=brought)
+    # `k + "."`: a component can be a single tensor (heads.contrastive.logit_scale)
+    return model, sorted({component_of(k) for k in unique_state_dict(model) if not (k + ".").startswith(brought)})
+
+
+def for_finetuning(directory: str | Path, overrides: dict[str, Any]) -> tuple[MultimodalModel, list[str]]:
+    """A saved model rebuilt with config `overrides`, in train-ready form, and notes on how it was initialised.
+
+    Head weights the overrides make meaningless start fresh and are named in the notes: every head weight
+    whose shape changed, and the whole classify head when its labels changed (even to as many new labels,
+    whose rows would otherwise silently keep the old classes' meaning).
+    """
+    directory = Path(directory)
+    saved = _read_config(directory / CONFIG_NAME)
+    config = saved.with_overrides(overrides, f"{directory} + model_overrides")
+    model = MultimodalModel(config)
+    state = upgrade_keys(read_weights(directory))
+    expected = unique_state_dict(model)
+    fresh = {k for k in state if k in expected and k.startswith("heads.") and state[k].shape != expected[k].shape}
+    relabelled = saved.classify is not None and config.classify is not None
+    if relabelled and saved.classify.labels != config.classify.labels:
+        fresh |= {k for k in state if k.startswith("heads.classify.")}
+    for key in fresh:
+        del state[key]
+    notes = [n for n in load_weights(model, state, str(directory), strict=False) if n.split(": ", 1)[1] not in fresh]
+    return model, notes + [f"re-initialised (new labels or shape): {k}" for k in sorted(fresh)]
+
+
+def _load_local(
+    location: Path,
+    strict: bool,
+    base: str | ModelConfig | None,
+    dtype: torch.dtype | None,
+    source: str | None = None,
+    convert_kwargs: dict[str, Any] | None = None,
+) -> MultimodalModel:
+    """Loads an mmfm checkpoint at `location`, or converts it with `source` (detected for a Hugging Face dir)."""
+    from mmfm.convert import convert, list_sources, source_for_hf_directory
+    from mmfm.convert.io import read_state_dict
+
+    if source in (None, "mmfm") and location.is_file():
+        config_path = location.parent / CONFIG_NAME
+        if not config_path.is_file():
+            raise CheckpointError(
+                f"{location}: no {CONFIG_NAME} beside this weights file; an mmfm checkpoint needs one, and weights "
+                f"of another library go through `mmfm convert {location} OUT/ --from SOURCE` "
+                f"(sources: {', '.join(list_sources())})"
+            )
+        return build_from_weights(
+            _read_config(config_path), read_state_dict(location), str(location), strict=strict, dtype=dtype
+        )
+    if source is None and not (location / CONFIG_NAME).exists():
+        source = source_for_hf_directory(location)
+        if source is None:
+            raise CheckpointError(
+                f"{location}: no {CONFIG_NAME} in the checkpoint, and not a Hugging Face directory mmfm can convert "
+                f"(a config.json with a known model_type); convert other weights with "
+                f"`mmfm convert {location} OUT/ --from SOURCE` (sources: {', '.join(list_sources())})"
+            )
+    if source in (None, "mmfm"):
+        config = _read_config(location / CONFIG_NAME)
+        return build_from_weights(config, read_weights(location), str(location), strict=strict, dtype=dtype)
+    converted = convert(source, location, **(convert_kwargs or {}))
+    model, fresh = from_converted(converted, base or DEFAULT_BASE, f"{location} ({source})", strict=strict)
+    if fresh:
+        warnings.warn(
+            f"{location}: the {source} weights leave {', '.join(fresh)} freshly initialised (from {model.config.name})",
+            stacklevel=3,
+        )
+    return model.to(dtype) if dtype is not None else model
+
+
+def _read_config(path: Path) -> ModelConfig:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: no {CONFIG_NAME} in the checkpoint")
+    try:
+        return read_config(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+__all__ = [
+    "DTYPES",
+    "HUB_PREFIX",
+    "build_from_weights",
+    "create_model",
+    "for_finetuning",
+    "from_converted",
+    "load",
+    "open_model",
+    "parse_dtype",
+    "upgrade_keys",
+]
