@@ -56,10 +56,10 @@ def main(quick: bool = False) -> list[Result]:
             prompt_ids = torch.randint(0, model.tokenizer.vocab_size, prompt.mask.shape)
 
             def cached(prompt=prompt):
-                return generate(CachedDecoder(model, prompt, new_tokens), config, NEVER)
+                return generate(CachedDecoder(model.decoder_parts(), prompt, new_tokens), config, NEVER)
 
             def uncached(prompt=prompt):
-                return generate(RecomputingDecoder(model, prompt), config, NEVER)
+                return generate(RecomputingDecoder(model.decoder_parts(), prompt), config, NEVER)
 
             def gpt2(prompt_ids=prompt_ids):
                 return hf.generate(

@@ -240,7 +240,7 @@ def test_generate_image_bad_input_is_named():
     clip = (np.zeros(1600, np.float32), 16000)
     with pytest.raises(InputError, match="no 'audio' encoder"):
         model.generate_image(audio=[clip])
-    with pytest.raises(InputError, match="generate_image needs text=, audio= or images="):
+    with pytest.raises(InputError, match="generate_image needs text=, images= or audio="):
         model.generate_image()
     with pytest.raises(InputError, match="pass seed= or generator=, not both"):
         model.generate_image(text="a", seed=1, generator=torch.Generator())

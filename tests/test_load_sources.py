@@ -95,9 +95,9 @@ def test_models_built_in_other_threads_while_one_loads_are_real(saved):
 
     def load_on_meta() -> None:
         start.wait()
+        results["loaded"] = [mmfm.load(directory) for _ in range(3)]  # each builds on the meta device
         with parameters_on_meta():
             results["meta"] = mmfm.create_model("mmfm-test")
-            results["loaded"] = [mmfm.load(directory) for _ in range(3)]
 
     threads = [threading.Thread(target=build_normally), threading.Thread(target=load_on_meta)]
     for t in threads:
@@ -120,8 +120,9 @@ def test_checkpoint_tensors_are_aligned_and_read_by_safetensors(saved):
         keys = set(f.keys())
     assert keys == set(unique_state_dict(model))
     loaded = mmfm.load(directory)
-    aligned = [p for p in loaded.parameters() if p.numel() * p.element_size() % TENSOR_ALIGNMENT == 0]
-    assert len(aligned) > 0.9 * len(list(loaded.parameters()))
+    matrices = [p for p in loaded.parameters() if p.dim() >= 2]  # what matmul and conv kernels read
+    aligned = [p for p in matrices if p.numel() * p.element_size() % TENSOR_ALIGNMENT == 0]
+    assert len(aligned) >= len(matrices) - 2  # mmfm-test's 3-channel UNet convs are 864 bytes
     assert all(p.data_ptr() % TENSOR_ALIGNMENT == 0 for p in aligned)
 
 

@@ -29,8 +29,8 @@ def _prompt(model, batch=2, prompt_lengths=(3, 3)):
 def test_cached_generation_equals_uncached(model, num_beams):
     seq = _prompt(model, prompt_lengths=(2, 5))  # unequal prompts: left padding inside the batch
     config = GenerationConfig(max_new_tokens=12, num_beams=num_beams)
-    cached = generate(CachedDecoder(model, seq, 12), config, NEVER)
-    uncached = generate(RecomputingDecoder(model, seq), config, NEVER)
+    cached = generate(CachedDecoder(model.decoder_parts(), seq, 12), config, NEVER)
+    uncached = generate(RecomputingDecoder(model.decoder_parts(), seq), config, NEVER)
     assert cached == uncached
     assert all(len(row) == 12 for row in cached)
 
@@ -38,7 +38,7 @@ def test_cached_generation_equals_uncached(model, num_beams):
 @torch.inference_mode()
 def test_cached_logits_equal_uncached_logits_at_every_step(model):
     seq = _prompt(model, prompt_lengths=(4, 1))
-    cached, uncached = CachedDecoder(model, seq, 6), RecomputingDecoder(model, seq)
+    cached, uncached = CachedDecoder(model.decoder_parts(), seq, 6), RecomputingDecoder(model.decoder_parts(), seq)
     for step in range(6):
         torch.testing.assert_close(cached.logits, uncached.logits, rtol=1e-9, atol=1e-9, msg=f"step {step}")
         tokens = cached.logits.argmax(-1)

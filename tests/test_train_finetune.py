@@ -125,3 +125,18 @@ def test_mixer_follows_ratios_and_replays_after_restore():
     before = torch.get_rng_state()
     TaskMixer(tasks, seed=0).sample()
     assert torch.equal(before, torch.get_rng_state())  # the global RNG is untouched
+
+
+def test_new_labels_start_a_fresh_classify_head_even_when_as_many(saved):
+    from mmfm.loader import for_finetuning
+
+    model, directory = saved
+    old = model.heads["classify"].fc.weight
+    kept, notes = for_finetuning(directory, {})
+    assert torch.equal(kept.heads["classify"].fc.weight, old) and notes == []
+    letters = [chr(ord("a") + i) for i in range(len(model.heads["classify"].labels))]  # as many, other meaning
+    relabelled, notes = for_finetuning(directory, {"classify": {"labels": letters}})
+    assert relabelled.heads["classify"].labels == letters
+    assert not torch.equal(relabelled.heads["classify"].fc.weight, old)
+    assert "re-initialised (new labels or shape): heads.classify.fc.weight" in notes
+    assert torch.equal(relabelled.backbone.norm.weight, model.backbone.norm.weight)  # the rest is kept
