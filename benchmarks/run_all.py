@@ -13,9 +13,11 @@ import argparse
 import time
 
 from benchmarks import (
+    bench_build_caption,
     bench_decoding,
     bench_diffusion_sampling,
     bench_dpm_vs_ddim,
+    bench_embed_memory,
     bench_image_encoder,
     bench_load,
     bench_train_step,
@@ -23,7 +25,8 @@ from benchmarks import (
 )
 from benchmarks.harness import Result, table
 
-# bench_dpm_vs_ddim needs the trained digits demo (runs/demo/final, data/digits) and is skipped without it.
+# bench_dpm_vs_ddim needs the trained digits demo (runs/demo/final, data/digits) and is skipped without it;
+# bench_build_caption needs the git history (its baseline commit) and is skipped without it.
 BENCHMARKS = (
     bench_image_encoder,
     bench_decoding,
@@ -32,6 +35,8 @@ BENCHMARKS = (
     bench_load,
     bench_diffusion_sampling,
     bench_dpm_vs_ddim,
+    bench_embed_memory,
+    bench_build_caption,
 )
 
 
