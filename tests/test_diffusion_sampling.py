@@ -8,10 +8,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.utils.torch_utils import randn_tensor
 
 from benchmarks.bench_diffusion_sampling import diffusers_loop
-from mmfm.config import ImageGenHeadConfig
+from mmfm.config import SCHEDULERS, ImageGenHeadConfig
 from mmfm.errors import InputError
 from mmfm.heads.image_gen import ImageGenHead
-from mmfm.config import SCHEDULERS
 from mmfm.heads.image_gen_schedulers import make_scheduler
 
 DIM = 32
