@@ -6,7 +6,7 @@ from mmfm.factory import create_model, load
 from mmfm.generation import GenerationConfig
 from mmfm.model import Classification, MultimodalModel
 from mmfm.pretrained import list_pretrained
-from mmfm.registry import list_models, register_model
+from mmfm.registry import list_configs, list_models, register_model
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "ModelConfig",
     "MultimodalModel",
     "create_model",
+    "list_configs",
     "list_models",
     "list_pretrained",
     "load",

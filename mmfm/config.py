@@ -440,14 +440,14 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
-        """Reads a full config or a preset recipe (a `preset:` key plus overrides) from YAML."""
+        """Reads a full config or a recipe (a `preset:` key naming a preset or shipped config, plus overrides)."""
         path = Path(path)
         data = read_yaml_mapping(path, "config file")
         if "preset" in data:
-            from mmfm.registry import get_preset
+            from mmfm.registry import get_config
 
             data = dict(data)
-            base = get_preset(data.pop("preset")).to_dict()
+            base = get_config(data.pop("preset")).to_dict()
             data = merge(base, data)
         config = cls.from_dict(data, str(path))
         vocab = config.text.vocab

@@ -1,14 +1,20 @@
-"""Named model presets: one short function per size, registered by name (as timm does)."""
+"""Named models: presets (one short function per size, registered by name, as timm does) and shipped configs.
+
+A shipped config is a YAML file in `configs/models/`, installed as package data `mmfm.configs`; its file name
+without `.yaml` is its name ("mmfm-tiny-digits"). `get_config` resolves either kind of name.
+"""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from importlib import resources
 
 from mmfm.config import ModelConfig
 from mmfm.errors import ConfigError
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
+_CONFIGS_PACKAGE, _MODELS_FOLDER = "mmfm.configs", "models"
 
 
 def register_model(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
@@ -24,6 +30,12 @@ def list_models() -> list[str]:
     return sorted(_PRESETS)
 
 
+def list_configs() -> list[str]:
+    """Names of the shipped model configs (`configs/models/NAME.yaml`), usable wherever a preset name is."""
+    folder = resources.files(_CONFIGS_PACKAGE) / _MODELS_FOLDER
+    return sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
 def get_preset(name: str) -> ModelConfig:
     """The config of a registered preset; an unknown name lists close matches."""
     names = list_models()
@@ -32,5 +44,27 @@ def get_preset(name: str) -> ModelConfig:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown model '{name}'{hint} (registered: {', '.join(names)})")
     config = _PRESETS[name]()
+    config.name = name
+    return config
+
+
+def get_config(name: str) -> ModelConfig:
+    """The config of a preset (`list_models()`) or of a shipped config (`list_configs()`), presets first.
+
+    Raises:
+        ConfigError: a name that is neither, listing close matches of both kinds.
+    """
+    presets, configs = list_models(), list_configs()
+    if name in presets:
+        return get_preset(name)
+    if name not in configs:
+        close = difflib.get_close_matches(name, presets + configs, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown model '{name}'{hint} (presets: {', '.join(presets)}; shipped configs: {', '.join(configs)})"
+        )
+    resource = resources.files(_CONFIGS_PACKAGE) / _MODELS_FOLDER / f"{name}.yaml"
+    with resources.as_file(resource) as path:  # a real file even when the package is zipped
+        config = ModelConfig.from_file(path)
     config.name = name
     return config

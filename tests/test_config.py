@@ -3,12 +3,14 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import mmfm
 from mmfm.config import ModelConfig
 from mmfm.errors import ConfigError
-from mmfm.registry import get_preset
+from mmfm.model import MultimodalModel
+from mmfm.registry import get_config, get_preset
 
 CONFIG_DIR = Path(mmfm.__file__).parent.parent / "configs" / "models"
 
@@ -93,3 +95,47 @@ def test_settings_an_encoder_refuses_name_the_file_and_the_key(tmp_path):
     path.write_text("preset: mmfm-test\nimage:\n  model_name: resnet18\n")
     with pytest.raises(ConfigError, match=r"odd.yaml: image.model_name: 'resnet18' is not a timm ViT-family model"):
         mmfm.create_model(path)
+
+
+def test_list_configs_names_every_shipped_model_yaml_and_no_preset():
+    assert mmfm.list_configs() == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert not set(mmfm.list_configs()) & set(mmfm.list_models())
+
+
+@pytest.mark.parametrize("name", mmfm.list_configs())
+def test_a_shipped_config_by_name_is_its_yaml_file_from_any_working_directory(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # read from the installed package, not from a path relative to the repository
+    config = get_config(name)
+    assert config.name == name
+    assert config == ModelConfig.from_file(CONFIG_DIR / f"{name}.yaml").with_overrides({"name": name})
+
+
+def test_a_model_by_config_name_equals_the_model_of_its_yaml_path():
+    torch.manual_seed(0)
+    by_name = MultimodalModel(get_config("mmfm-tiny-digits"))
+    torch.manual_seed(0)
+    by_path = mmfm.create_model(CONFIG_DIR / "mmfm-tiny-digits.yaml")
+    assert by_name.config.classify.labels == [str(d) for d in range(10)]
+    assert by_name.state_dict().keys() == by_path.state_dict().keys()
+    for key, value in by_name.state_dict().items():
+        assert torch.equal(value, by_path.state_dict()[key]), key
+
+
+def test_a_recipe_can_name_a_shipped_config_as_its_preset(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("preset: mmfm-tiny-digits-gen\nbackbone:\n  depth: 1\n")
+    config = ModelConfig.from_file(path)
+    base = get_config("mmfm-tiny-digits-gen")  # itself `preset: mmfm-tiny` plus overrides
+    assert config.backbone.depth == 1 and config.backbone.dim == base.backbone.dim
+    assert config.image_gen == base.image_gen and config.image.patch_size == 8
+    assert config.name == "mmfm-tiny-digits-gen"
+
+
+def test_an_unknown_name_lists_close_presets_and_shipped_configs():
+    with pytest.raises(ConfigError) as e:
+        get_config("mmfm-tiny-digit")
+    message = str(e.value)
+    assert "did you mean mmfm-tiny-digits, mmfm-tiny-digits-gen, mmfm-tiny?" in message
+    assert "presets: mmfm-base" in message and "shipped configs: mmfm-base-gqa" in message
+    with pytest.raises(ConfigError, match=r"unknown model 'mmfm-gqa'; did you mean mmfm-base-gqa"):
+        get_config("mmfm-gqa")
