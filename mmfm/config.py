@@ -345,16 +345,17 @@ class DiffusionHeadConfig:
     """Image generation: a diffusers denoiser cross-attending to the backbone states of the condition.
 
     The denoiser's cross-attention width is `backbone.dim`. In latent space the denoiser works on the latents of
-    a frozen diffusers `AutoencoderKL` read from `vae_path`; that VAE is not saved with the model (see
-    `mmfm.heads.diffusion`). The noise schedule fields are diffusers' scheduler arguments and are shared by
-    training and every sampler.
+    a frozen diffusers `AutoencoderKL` read from `vae_path`; `save_pretrained` writes it into the checkpoint's
+    `vae/` folder (see `mmfm.heads.diffusion`). The noise schedule fields are diffusers' scheduler arguments and
+    are shared by training and every sampler.
 
     Attributes:
         space: "pixel" (the denoiser works on pixels: small images) or "latent" (on VAE latents: larger ones).
         architecture: "unet" (diffusers `UNet2DConditionModel`) or "dit" (diffusers `PixArtTransformer2DModel`).
         image_size: side of the square images generated and trained on, in pixels.
         channels: pixel channels: 1 (greyscale) or 3 (RGB).
-        vae_path: local diffusers `AutoencoderKL` directory (save_pretrained layout); latent space only.
+        vae_path: local diffusers `AutoencoderKL` directory (save_pretrained layout); latent space only. Relative
+            to the YAML file's folder when read from one (a saved checkpoint says `vae`, its own `vae/`).
         block_out_channels: UNet channels per resolution level; every level but the last halves the size.
         layers_per_block: UNet ResNet layers per level.
         attention_head_dim: channels per attention head (UNet levels and DiT blocks).
@@ -440,7 +441,11 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
-        """Reads a full config or a recipe (a `preset:` key naming a preset or shipped config, plus overrides)."""
+        """Reads a full config or a recipe (a `preset:` key naming a preset or shipped config, plus overrides).
+
+        File paths in it (`text.vocab`, `image_gen.vae_path`) are relative to the YAML file's folder, not to the
+        working directory, so a saved checkpoint folder can be moved.
+        """
         path = Path(path)
         data = read_yaml_mapping(path, "config file")
         if "preset" in data:
@@ -450,9 +455,13 @@ class ModelConfig:
             base = get_config(data.pop("preset")).to_dict()
             data = merge(base, data)
         config = cls.from_dict(data, str(path))
-        vocab = config.text.vocab
-        if vocab is not None and not Path(vocab).is_absolute():  # relative to the YAML file, not to the caller
-            config.text.vocab = str((path.parent / vocab).absolute())
+
+        def beside_file(p: str | None) -> str | None:
+            return p if p is None or Path(p).is_absolute() else str((path.parent / p).absolute())
+
+        config.text.vocab = beside_file(config.text.vocab)
+        if config.image_gen is not None:
+            config.image_gen.vae_path = beside_file(config.image_gen.vae_path)
         return config
 
     def with_overrides(self, overrides: dict[str, Any], source: str = "<overrides>") -> ModelConfig:

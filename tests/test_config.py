@@ -139,3 +139,15 @@ def test_an_unknown_name_lists_close_presets_and_shipped_configs():
     assert "presets: mmfm-base" in message and "shipped configs: mmfm-base-gqa" in message
     with pytest.raises(ConfigError, match=r"unknown model 'mmfm-gqa'; did you mean mmfm-base-gqa"):
         get_config("mmfm-gqa")
+
+
+def test_relative_file_paths_in_a_yaml_are_relative_to_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    path = tmp_path / "models" / "latent.yaml"
+    path.write_text("preset: mmfm-test\nimage_gen: {space: latent, vae_path: ../vaes/mine, image_size: 16}\n")
+    monkeypatch.chdir(tmp_path)
+    config = ModelConfig.from_file("models/latent.yaml")
+    assert Path(config.image_gen.vae_path).is_absolute()
+    assert Path(config.image_gen.vae_path).resolve() == (tmp_path / "vaes" / "mine").resolve()
+    path.write_text(f"preset: mmfm-test\nimage_gen: {{space: latent, vae_path: {tmp_path}/abs, image_size: 16}}\n")
+    assert ModelConfig.from_file(path).image_gen.vae_path == f"{tmp_path}/abs"
