@@ -7,9 +7,10 @@ fraction of the examples. Schedulers come from diffusers (`mmfm.heads.image_gen_
 drives them is written out in `ImageGenHead.sample`.
 
 In latent space a frozen diffusers `AutoencoderKL` is read from `config.vae_path` whenever the head is built.
-Its weights are *not* part of the head's state dict: `save_pretrained` leaves them out (a checkpoint stays the
-size of what was trained) and loading takes them from `vae_path` again, so a saved latent-space model needs
-that directory wherever it is loaded.
+Its weights are *not* part of the head's state dict (the trainer's checkpoints stay the size of what is
+trained); `save_pretrained` writes the VAE as it is into the checkpoint's `vae/` folder (diffusers' layout) and
+the saved config says `vae_path: vae`, which loading resolves against the checkpoint folder, so a saved
+latent-space model is self-contained.
 """
 
 from __future__ import annotations

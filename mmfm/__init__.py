@@ -7,7 +7,7 @@ from mmfm.loader import create_model, load
 from mmfm.model import MultimodalModel
 from mmfm.pipelines import Classification
 from mmfm.pretrained import list_pretrained
-from mmfm.registry import list_models, register_model
+from mmfm.registry import list_configs, list_models, register_model
 from mmfm.text_generation import GenerationConfig
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "ModelConfig",
     "MultimodalModel",
     "create_model",
+    "list_configs",
     "list_models",
     "list_pretrained",
     "load",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import struct
 import threading
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -23,6 +25,7 @@ CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 VOCAB_NAME = "vocab.txt"  # a "wordpiece" tokenizer's vocabulary, written beside the weights
+VAE_FOLDER = "vae"  # a latent-space image_gen head's frozen AutoencoderKL, in diffusers' save_pretrained layout
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 # Every tensor whose size allows starts this many bytes into a page: memory-mapped weights are then as aligned as
 # freshly allocated ones, and CPU kernels whose summation order depends on alignment give bit-identical results.
@@ -61,7 +64,10 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
     `model.safetensors.index.json` weight map (the Hugging Face layout). Every file is written under a
     temporary name and renamed into place, so an interrupted save never leaves a half-written file behind.
     A "wordpiece" tokenizer's vocabulary is written as `vocab.txt`, and the saved config's `text.vocab` says
-    `vocab.txt`, which `mmfm.registry.read_config` resolves against the directory: the checkpoint is self-contained.
+    `vocab.txt`; a latent-space image_gen head's frozen VAE is written into `vae/` (diffusers' layout:
+    config.json + diffusion_pytorch_model.safetensors) and the saved `image_gen.vae_path` says `vae`.
+    `mmfm.registry.read_config` resolves both against the directory: the checkpoint is self-contained and can be
+    moved or copied. Files an earlier save wrote into `directory` that this model does not have are removed.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -94,6 +100,13 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
         _atomic_write(directory / VOCAB_NAME, model.tokenizer.save_vocabulary)
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, vocab=VOCAB_NAME))
         written.add(VOCAB_NAME)
+    earlier_vae = _saved_vae_path(directory / CONFIG_NAME) == VAE_FOLDER  # read before config.yaml is replaced
+    gen = config.image_gen
+    if gen is not None and gen.space == "latent":  # the VAE travels with the weights, as vae/ in a pipeline
+        _save_vae(model.heads["image_gen"].vae, directory / VAE_FOLDER)
+        config = dataclasses.replace(config, image_gen=dataclasses.replace(gen, vae_path=VAE_FOLDER))
+    elif earlier_vae:
+        _remove_saved_vae(directory / VAE_FOLDER)
     _atomic_write(directory / CONFIG_NAME, config.save)
     left_by_earlier_saves = (*directory.glob("model*.safetensors"), directory / INDEX_NAME, directory / VOCAB_NAME)
     for stale in left_by_earlier_saves:
@@ -255,6 +268,39 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot be read as safetensors; truncated or corrupt? ({e})") from None
+
+
+def _saved_vae_path(config_path: Path) -> str | None:
+    """The `image_gen.vae_path` an earlier save wrote into `config_path`, if any."""
+    try:
+        data = yaml.safe_load(config_path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    gen = data.get("image_gen") if isinstance(data, dict) else None
+    return gen.get("vae_path") if isinstance(gen, dict) else None
+
+
+def _save_vae(vae: nn.Module, folder: Path) -> None:
+    """Writes the VAE with diffusers' `save_pretrained` beside `folder`, then moves each file into place.
+
+    Re-saving a model into the folder it was loaded from overwrites the files its VAE was read from; each file
+    is replaced whole, so the folder never holds a half-written one.
+    """
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    vae.save_pretrained(staging, safe_serialization=True)
+    folder.mkdir(exist_ok=True)
+    for file in staging.iterdir():
+        os.replace(file, folder / file.name)
+    staging.rmdir()
+
+
+def _remove_saved_vae(folder: Path) -> None:
+    """Removes the files `_save_vae` writes (and the folder, if nothing else is in it)."""
+    for file in (folder / "config.json", *folder.glob("diffusion_pytorch_model*.safetensors*")):
+        file.unlink(missing_ok=True)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _atomic_write(path: Path, write) -> None:

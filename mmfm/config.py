@@ -505,16 +505,17 @@ class ImageGenHeadConfig:
     """Image generation: a diffusers denoiser cross-attending to the backbone states of the condition.
 
     The denoiser's cross-attention width is `backbone.dim`. In latent space the denoiser works on the latents of
-    a frozen diffusers `AutoencoderKL` read from `vae_path`; that VAE is not saved with the model (see
-    `mmfm.heads.image_gen`). The noise schedule fields are diffusers' scheduler arguments and are shared by
-    training and every sampler.
+    a frozen diffusers `AutoencoderKL` read from `vae_path`; `save_pretrained` writes it into the checkpoint's
+    `vae/` folder (see `mmfm.heads.image_gen`). The noise schedule fields are diffusers' scheduler arguments and
+    are shared by training and every sampler.
 
     Attributes:
         space: "pixel" (the denoiser works on pixels: small images) or "latent" (on VAE latents: larger ones).
         architecture: "unet" (diffusers `UNet2DConditionModel`) or "dit" (diffusers `PixArtTransformer2DModel`).
         image_size: side of the square images generated and trained on, in pixels.
         channels: pixel channels: 1 (greyscale) or 3 (RGB).
-        vae_path: local diffusers `AutoencoderKL` directory (save_pretrained layout); latent space only.
+        vae_path: local diffusers `AutoencoderKL` directory (save_pretrained layout); latent space only. Relative
+            to the YAML file's folder when read from one (a saved checkpoint says `vae`, its own `vae/`).
         block_out_channels: UNet channels per resolution level; every level but the last halves the size.
         layers_per_block: UNet ResNet layers per level.
         attention_head_dim: channels per attention head (UNet levels and DiT blocks).

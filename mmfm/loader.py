@@ -25,7 +25,7 @@ from mmfm.checkpoint import CONFIG_NAME, load_weights, parameters_on_meta, read_
 from mmfm.config import ModelConfig
 from mmfm.errors import CheckpointError, ConfigError, InputError
 from mmfm.model import MultimodalModel
-from mmfm.registry import get_preset, read_config
+from mmfm.registry import get_config, read_config
 
 HUB_PREFIX = "hf-hub:"
 # The preset that supplies what converted weights (one tower, say) do not bring, unless a tag or caller says.
@@ -40,12 +40,13 @@ def create_model(name_or_path: str | Path, **overrides: Any) -> MultimodalModel:
     """A randomly initialised model from a registered preset name or a YAML config/recipe file.
 
     Args:
-        name_or_path: a name from `mmfm.list_models()`, or the path of a `.yaml` file.
+        name_or_path: a preset name (`mmfm.list_models()`), a shipped config name (`mmfm.list_configs()`), or
+            the path of a `.yaml` file.
         **overrides: config fields to change, nested (`backbone={"depth": 2}`); dotted keys go through a
             dict: `create_model(name, **{"backbone.depth": 2})`.
     """
     path = Path(name_or_path)
-    config = read_config(path) if path.suffix in YAML_SUFFIXES else get_preset(str(name_or_path))
+    config = read_config(path) if path.suffix in YAML_SUFFIXES else get_config(str(name_or_path))
     source = str(name_or_path)
     if overrides:
         source = f"{name_or_path} with overrides {overrides}"

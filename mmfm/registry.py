@@ -1,15 +1,21 @@
-"""Named model presets: one short function per size, registered by name (as timm does)."""
+"""Named models: presets (one short function per size, registered by name, as timm does) and shipped configs.
+
+A shipped config is a YAML file in `configs/models/`, installed as package data `mmfm.configs`; its file name
+without `.yaml` is its name ("mmfm-tiny-digits"). `get_config` resolves either kind of name.
+"""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
 from mmfm.config import ModelConfig, merge, read_yaml_mapping
 from mmfm.errors import ConfigError
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
+_CONFIGS_PACKAGE, _MODELS_FOLDER = "mmfm.configs", "models"
 
 
 def register_model(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
@@ -21,6 +27,12 @@ def register_model(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
 def list_models() -> list[str]:
     """Names of the registered presets (the built-in ones register when `mmfm` is imported)."""
     return sorted(_PRESETS)
+
+
+def list_configs() -> list[str]:
+    """Names of the shipped model configs (`configs/models/NAME.yaml`), usable wherever a preset name is."""
+    folder = resources.files(_CONFIGS_PACKAGE) / _MODELS_FOLDER
+    return sorted(f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml"))
 
 
 def get_preset(name: str) -> ModelConfig:
@@ -35,18 +47,46 @@ def get_preset(name: str) -> ModelConfig:
     return config
 
 
-def read_config(path: str | Path) -> ModelConfig:
-    """Reads a full config (as saved beside a checkpoint) or a recipe (a `preset:` name plus overrides) from YAML.
+def get_config(name: str) -> ModelConfig:
+    """The config of a preset (`list_models()`) or of a shipped config (`list_configs()`), presets first.
 
-    A relative `text.vocab` is relative to the YAML file's folder, not to the caller's working directory.
+    Raises:
+        ConfigError: a name that is neither, listing close matches of both kinds.
+    """
+    presets, configs = list_models(), list_configs()
+    if name in presets:
+        return get_preset(name)
+    if name not in configs:
+        close = difflib.get_close_matches(name, presets + configs, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"unknown model '{name}'{hint} (presets: {', '.join(presets)}; shipped configs: {', '.join(configs)})"
+        )
+    resource = resources.files(_CONFIGS_PACKAGE) / _MODELS_FOLDER / f"{name}.yaml"
+    with resources.as_file(resource) as path:  # a real file even when the package is zipped
+        config = read_config(path)
+    config.name = name
+    return config
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """Reads a full config (as saved beside a checkpoint) or a recipe: a `preset:` key naming a preset or shipped
+    config, plus overrides.
+
+    File paths in it (`text.vocab`, `image_gen.vae_path`) are relative to the YAML file's folder, not to the
+    working directory, so a saved checkpoint folder can be moved.
     """
     path = Path(path)
     data = read_yaml_mapping(path, "config file")
     if "preset" in data:
         data = dict(data)
-        data = merge(get_preset(data.pop("preset")).to_dict(), data)
+        data = merge(get_config(data.pop("preset")).to_dict(), data)
     config = ModelConfig.from_dict(data, str(path))
-    vocab = config.text.vocab
-    if vocab is not None and not Path(vocab).is_absolute():
-        config.text.vocab = str((path.parent / vocab).absolute())
+
+    def beside_file(p: str | None) -> str | None:
+        return p if p is None or Path(p).is_absolute() else str((path.parent / p).absolute())
+
+    config.text.vocab = beside_file(config.text.vocab)
+    if config.image_gen is not None:
+        config.image_gen.vae_path = beside_file(config.image_gen.vae_path)
     return config

@@ -3,11 +3,12 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import mmfm
 from mmfm.errors import ConfigError
-from mmfm.registry import get_preset, read_config
+from mmfm.registry import get_config, get_preset, read_config
 
 CONFIG_DIR = Path(mmfm.__file__).parent.parent / "configs" / "models"
 
@@ -92,3 +93,59 @@ def test_settings_an_encoder_refuses_name_the_file_and_the_key(tmp_path):
     path.write_text("preset: mmfm-test\nimage:\n  model_name: resnet18\n")
     with pytest.raises(ConfigError, match=r"odd.yaml: image.model_name: 'resnet18' is not a timm ViT-family model"):
         mmfm.create_model(path)
+
+
+def test_list_configs_names_every_shipped_model_yaml_and_no_preset():
+    assert mmfm.list_configs() == sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert not set(mmfm.list_configs()) & set(mmfm.list_models())
+
+
+@pytest.mark.parametrize("name", mmfm.list_configs())
+def test_a_shipped_config_by_name_is_its_yaml_file_from_any_working_directory(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # read from the installed package, not from a path relative to the repository
+    config = get_config(name)
+    assert config.name == name
+    assert config == read_config(CONFIG_DIR / f"{name}.yaml").with_overrides({"name": name})
+
+
+def test_a_model_by_config_name_equals_the_model_of_its_yaml_path():
+    torch.manual_seed(0)
+    by_name = mmfm.create_model("mmfm-tiny-digits")
+    torch.manual_seed(0)
+    by_path = mmfm.create_model(CONFIG_DIR / "mmfm-tiny-digits.yaml")
+    assert by_name.config.classify.labels == [str(d) for d in range(10)]
+    assert by_name.state_dict().keys() == by_path.state_dict().keys()
+    for key, value in by_name.state_dict().items():
+        assert torch.equal(value, by_path.state_dict()[key]), key
+
+
+def test_a_recipe_can_name_a_shipped_config_as_its_preset(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("preset: mmfm-tiny-digits-gen\nbackbone:\n  depth: 1\n")
+    config = read_config(path)
+    base = get_config("mmfm-tiny-digits-gen")  # itself `preset: mmfm-tiny` plus overrides
+    assert config.backbone.depth == 1 and config.backbone.dim == base.backbone.dim
+    assert config.image_gen == base.image_gen and config.image.patch_size == 8
+    assert config.name == "mmfm-tiny-digits-gen"
+
+
+def test_an_unknown_name_lists_close_presets_and_shipped_configs():
+    with pytest.raises(ConfigError) as e:
+        get_config("mmfm-tiny-digit")
+    message = str(e.value)
+    assert "did you mean mmfm-tiny-digits, mmfm-tiny-digits-gen, mmfm-tiny?" in message
+    assert "presets: mmfm-base" in message and "shipped configs: mmfm-base-gqa" in message
+    with pytest.raises(ConfigError, match=r"unknown model 'mmfm-gqa'; did you mean mmfm-base-gqa"):
+        get_config("mmfm-gqa")
+
+
+def test_relative_file_paths_in_a_yaml_are_relative_to_its_folder(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    path = tmp_path / "models" / "latent.yaml"
+    path.write_text("preset: mmfm-test\nimage_gen: {space: latent, vae_path: ../vaes/mine, image_size: 16}\n")
+    monkeypatch.chdir(tmp_path)
+    config = read_config("models/latent.yaml")
+    assert Path(config.image_gen.vae_path).is_absolute()
+    assert Path(config.image_gen.vae_path).resolve() == (tmp_path / "vaes" / "mine").resolve()
+    path.write_text(f"preset: mmfm-test\nimage_gen: {{space: latent, vae_path: {tmp_path}/abs, image_size: 16}}\n")
+    assert read_config(path).image_gen.vae_path == f"{tmp_path}/abs"

@@ -163,15 +163,21 @@ def test_latent_pipeline_points_vae_path_at_its_vae_and_decodes_like_it(latent_p
     assert (bare.space, bare.vae_path, bare.image_size) == ("latent", gen.vae_path, 16)
 
 
-def test_cli_convert_writes_a_model_that_loads_with_its_vae(latent_pipeline, tmp_path, capsys):
-    directory, unet, _ = latent_pipeline
-    out = tmp_path / "out"
+def test_cli_convert_writes_a_self_contained_model_with_its_vae(latent_pipeline, tmp_path, capsys):
+    directory, unet, vae = latent_pipeline
+    pipeline, out = _copy(directory, tmp_path / "pipeline"), tmp_path / "out"
 
-    assert main(["convert", str(directory), str(out), "--from", "diffusers", "--base", "mmfm-test"]) == 0
+    assert main(["convert", str(pipeline), str(out), "--from", "diffusers", "--base", "mmfm-test"]) == 0
     assert "freshly initialised from mmfm-test: backbone" in capsys.readouterr().err
-    model = mmfm.load(out)
-    assert model.config.image_gen.vae_path == str((directory / "vae").absolute())
+    shutil.rmtree(pipeline)  # the checkpoint needs nothing from the pipeline any more
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    model = mmfm.load(moved)
+    assert model.config.image_gen.vae_path == str((moved / "vae").absolute())
     _assert_denoiser_matches(model.heads["image_gen"], unet, 4, 8)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close(model.heads["image_gen"].decode(latents), (vae.decode(latents / 0.5).sample / 2 + 0.5).clamp(0, 1))
 
 
 def test_backbone_dim_is_the_unets_cross_attention_dim_merged_over_the_base(pixel_pipeline):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
@@ -135,24 +138,61 @@ def test_latent_space_denoises_vae_latents_and_decodes_them(vae_dir):
     assert all(p.grad is None for p in head.vae.parameters())
 
 
-def test_latent_model_saves_without_the_vae_and_loads_it_from_vae_path(vae_dir, tmp_path):
-    model = _latent_model(vae_dir)
+def _images(model) -> list[np.ndarray]:
+    return [np.asarray(im) for im in model.generate_image(text=["x", "y"], num_inference_steps=3, seed=4)]
+
+
+def test_latent_checkpoint_holds_its_vae_and_loads_after_moving_without_the_source_vae(tiny_vae, tmp_path):
+    torch.manual_seed(1)
+    tiny_vae().save_pretrained(tmp_path / "source_vae")
+    model = _latent_model(tmp_path / "source_vae")
     with torch.no_grad():
         for p in model.heads["image_gen"].denoiser.parameters():
             p.add_(0.01 * torch.randn_like(p))  # weights that only the checkpoint has
-    model.save_pretrained(tmp_path)
-    keys = load_file(tmp_path / "model.safetensors").keys()
+    reference = {k: v.clone() for k, v in model.heads["image_gen"].vae.state_dict().items()}
+    model.save_pretrained(tmp_path / "ckpt")
+
+    keys = load_file(tmp_path / "ckpt" / "model.safetensors").keys()
     assert not any(".vae." in k for k in keys) and any(k.startswith("heads.image_gen.denoiser.") for k in keys)
-    loaded = mmfm.load(tmp_path)
-    reference = AutoencoderKL.from_pretrained(vae_dir).state_dict()
+    assert sorted(f.name for f in (tmp_path / "ckpt" / "vae").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    assert yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())["image_gen"]["vae_path"] == "vae"
+    assert model.config.image_gen.vae_path == str(tmp_path / "source_vae")  # the model's own config is unchanged
+
+    shutil.rmtree(tmp_path / "source_vae")
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "ckpt", moved)
+    loaded = mmfm.load(moved)
+    assert loaded.config.image_gen.vae_path == str((moved / "vae").absolute())
     for key, value in loaded.heads["image_gen"].vae.state_dict().items():
         assert torch.equal(value, reference[key]), key
-    a = model.generate_image(text=["x"], num_inference_steps=3, seed=4)[0]
-    b = loaded.generate_image(text=["x"], num_inference_steps=3, seed=4)[0]
-    assert np.array_equal(np.asarray(a), np.asarray(b))
+    expected = _images(model)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, _images(loaded)))
+
+    loaded.save_pretrained(moved)  # saving into the folder the VAE was read from keeps it
+    again = mmfm.load(moved)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, _images(again)))
     state = model.state_dict()  # the trainer's own checkpoints: a strict load still works without the VAE
     assert not any(".vae." in k for k in state)
-    loaded.load_state_dict(state, strict=True)
+    again.load_state_dict(state, strict=True)
+
+
+def test_a_pixel_model_saved_over_a_latent_checkpoint_removes_only_the_vae_mmfm_wrote(vae_dir, tmp_path):
+    latent, pixel = _latent_model(vae_dir), mmfm.create_model("mmfm-test").eval()
+    latent.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "notes.txt").write_text("mine")
+    pixel.save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / "vae").exists()
+    assert (tmp_path / "ckpt" / "notes.txt").exists()
+    assert mmfm.load(tmp_path / "ckpt").config.image_gen.space == "pixel"
+
+    pipeline = tmp_path / "pipeline"  # a folder whose vae/ no mmfm save wrote (a diffusers pipeline, say)
+    AutoencoderKL.from_pretrained(vae_dir).save_pretrained(pipeline / "vae")
+    pixel.save_pretrained(pipeline)
+    assert (pipeline / "vae" / "config.json").is_file()
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+
+import yaml
 
 from mmfm.cli import main
+from mmfm.train import TrainConfig
 
 
 def test_train_then_eval_prints_metrics_and_samples(make_recipe, tiny_digits, tmp_path, capsys):
@@ -69,3 +73,50 @@ def test_train_errors_name_the_key_and_the_manifest_line(make_recipe, tiny_digit
     assert "bad.jsonl:3:" in capsys.readouterr().err
     recipe = make_recipe("lenient", data={"train": str(bad), "on_error": "skip"}, steps=1)
     assert main(["train", str(recipe)]) == 0
+
+
+def _relative_recipe(tmp_path, tiny_digits):
+    """tmp_path/project/recipes/r.yaml naming its model YAML, data and run folder relative to its own folder."""
+    recipes = tmp_path / "project" / "recipes"
+    (tmp_path / "project" / "models").mkdir(parents=True)
+    (tmp_path / "project" / "models" / "m.yaml").write_text("preset: mmfm-test\n")
+    recipes.mkdir()
+    recipe = {
+        "model": "../models/m.yaml",
+        "data": {"train": os.path.relpath(tiny_digits / "train.jsonl", recipes)},
+        "tasks": [{"name": "image_caption", "objective": "caption", "inputs": ["image"]}],
+        "steps": 1,
+        "batch_size": 4,
+        "out_dir": "../runs/r",
+        "progress": False,
+    }
+    (recipes / "r.yaml").write_text(yaml.safe_dump(recipe))
+    return recipes / "r.yaml"
+
+
+def test_paths_in_a_recipe_are_relative_to_its_folder_from_any_working_directory(
+    tiny_digits, tmp_path, monkeypatch, capsys
+):
+    recipe = _relative_recipe(tmp_path, tiny_digits)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", os.path.relpath(recipe, elsewhere)]) == 0
+    run = tmp_path / "project" / "runs" / "r"
+    assert f"model: {run / 'final'}" in capsys.readouterr().out
+    written = yaml.safe_load((run / "train_config.yaml").read_text())
+    assert written["model"] == str(tmp_path / "project" / "models" / "m.yaml")
+    assert written["data"]["train"] == str(tiny_digits / "train.jsonl")
+    assert not any(elsewhere.iterdir())
+
+
+def test_paths_given_on_the_command_line_stay_relative_to_the_working_directory(
+    tiny_digits, tmp_path, monkeypatch, capsys
+):
+    recipe = _relative_recipe(tmp_path, tiny_digits)
+    monkeypatch.chdir(tiny_digits.parent)  # the recipe's folder has no digits/ and no out/
+    assert main(["train", str(recipe), "data.train=digits/train.jsonl", "out_dir=out", "model=mmfm-test"]) == 0
+    assert f"model: {os.path.join('out', 'final')}" in capsys.readouterr().out
+    assert (tiny_digits.parent / "out" / "final").is_dir()
+    config = TrainConfig.from_file(recipe, {"data.train": "digits/train.jsonl", "out_dir": "out"})
+    assert (config.data.train, config.out_dir) == ("digits/train.jsonl", "out")

@@ -168,6 +168,32 @@ def test_shipped_recipes_are_valid(recipe):
     assert config.tasks and config.data.train
 
 
+def test_shipped_recipes_find_the_repositorys_data_and_runs_from_any_working_directory(tmp_path, monkeypatch):
+    root = Path(__file__).resolve().parents[1]  # what `make demo` writes: data/digits, runs/demo
+    monkeypatch.chdir(tmp_path)
+    demo = TrainConfig.from_file(root / "configs" / "train" / "demo.yaml")
+    assert Path(demo.model) == root / "configs" / "models" / "mmfm-tiny-digits-gen.yaml" and Path(demo.model).is_file()
+    assert (demo.data.train, demo.data.val) == (
+        str(root / "data/digits/train.jsonl"),
+        str(root / "data/digits/val.jsonl"),
+    )
+    assert demo.out_dir == str(root / "runs" / "demo")
+    probe = TrainConfig.from_file(root / "configs" / "train" / "linear_probe.yaml")
+    assert probe.model == str(root / "runs" / "demo" / "final") and probe.data.train == demo.data.train
+
+
+@pytest.mark.parametrize(
+    ("model", "beside"),
+    [("mmfm-test", False), ("hf-hub:org/name", False), ("m.yaml", True), ("sub/saved", True), ("saved", True)],
+)
+def test_a_recipes_model_is_a_path_beside_it_only_when_it_looks_like_or_names_one(model, beside, tmp_path):
+    (tmp_path / "recipes" / "saved").mkdir(parents=True)
+    recipe = tmp_path / "recipes" / "r.yaml"
+    recipe.write_text(f"model: {model}\ndata: {{train: t.jsonl}}\ntasks: [{{name: c, objective: caption}}]\n")
+    config = TrainConfig.from_file(recipe)
+    assert config.model == (str(tmp_path / "recipes" / model) if beside else model)
+
+
 def test_contrastive_loss_uses_only_rows_with_both_modalities(tiny_digits):
     from mmfm.data import Collator
     from mmfm.train.config import TaskConfig

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from mmfm.config import ModelConfig, merge
 from mmfm.errors import CheckpointError, ConfigError
+from mmfm.registry import get_config
 
 __all__ = [
     "Converted",
@@ -147,9 +148,7 @@ def build_config(config: ModelConfig | dict[str, Any], base: ModelConfig | str =
     if isinstance(config, ModelConfig):
         return config
     if isinstance(base, str):
-        from mmfm.registry import get_preset
-
-        base = get_preset(base)
+        base = get_config(base)
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(config) - names)
     if unknown:

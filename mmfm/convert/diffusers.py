@@ -40,8 +40,9 @@ carried: mmfm picks its sampler when sampling. Schedules mmfm cannot train with 
 rescaling, flow matching, "sample" prediction) are refused.
 
 With a VAE (a pipeline's vae/, or `vae_path=`) the head works in latent space. The VAE is not converted: it stays
-the diffusers `AutoencoderKL` directory it is, `image_gen.vae_path` names it (absolute), and the head loads it
-from there whenever the model is built or loaded, so that directory must stay where it is (see
+the diffusers `AutoencoderKL` it is, and `image_gen.vae_path` names its directory (absolute), which the head
+loads it from when the model is built. `save_pretrained` (and so `mmfm convert ... --from diffusers`) copies it
+into the checkpoint's own `vae/` folder, so the written checkpoint no longer needs the source directory (see
 `mmfm.heads.image_gen`).
 
 A pipeline's text encoder and tokenizer are not read: in mmfm the UNet cross-attends to the backbone's states,

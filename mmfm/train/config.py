@@ -1,8 +1,8 @@
 """The training recipe: one dataclass per concern, nested in `TrainConfig`, read from YAML like model configs.
 
 ```yaml
-model: mmfm-tiny                  # a preset, a model YAML or a saved directory
-data:
+model: mmfm-tiny                  # a preset, a shipped config, a model YAML or a saved directory
+data:                             # relative paths in a recipe are relative to its folder
   train: data/train.jsonl
   val: data/val.jsonl
 tasks:
@@ -14,13 +14,14 @@ batch_size: 64
 optim: {lr: 1.0e-3, warmup_steps: 100}
 ```
 
-`mmfm train CONFIG key=value ...` overrides any field with dotted keys (`optim.lr=3e-4`). Unknown keys are
-errors naming the key and the file.
+`mmfm train CONFIG key=value ...` overrides any field with dotted keys (`optim.lr=3e-4`); paths given there
+are relative to the working directory. Unknown keys are errors naming the key and the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,8 +151,9 @@ class TrainConfig:
     """A whole training run.
 
     Attributes:
-        model: a preset name, a model YAML path, or a saved model directory to
-            fine-tune: its weights are loaded; heads whose shape the overrides change (new labels) start fresh.
+        model: a preset name, a shipped config name (`mmfm.list_configs()`), a model YAML path, or a saved model
+            directory to fine-tune: its weights are loaded; heads whose shape the overrides change (new labels)
+            start fresh.
         model_overrides: model config fields to change, nested or dotted ({"backbone.depth": 2}).
         data: the datasets.
         tasks: the objectives and how they are mixed.
@@ -205,8 +207,15 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-        """Reads a recipe and applies dotted overrides; relative paths in it are relative to the working directory."""
-        return cls.from_dict(read_yaml_mapping(Path(path), "training config"), str(path), overrides)
+        """Reads a recipe and applies dotted overrides.
+
+        Relative paths written in the recipe (`data.train`, `data.val`, `out_dir`, a `model` YAML or folder) are
+        relative to the recipe file's folder, so it runs the same from any working directory; paths in
+        `overrides` (the command line's `key=value`) stay relative to the working directory.
+        """
+        path = Path(path)
+        data = recipe_paths_beside(read_yaml_mapping(path, "training config"), path.parent)
+        return cls.from_dict(data, str(path), overrides)
 
     @classmethod
     def from_dict(
@@ -238,6 +247,30 @@ def _rename_objectives(data: dict[str, Any], source: str) -> dict[str, Any]:
             task = {**task, "objective": new}
         renamed.append(task)
     return {**data, "tasks": renamed}
+
+
+def recipe_paths_beside(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The recipe mapping `data` with its relative paths made absolute against `folder`.
+
+    `model` counts as a path when it ends in .yaml/.yml, holds a path separator (and no `hf-hub:` prefix) or
+    names something in `folder`; otherwise it is a preset, shipped config or pretrained tag name.
+    """
+
+    def beside(value: Any) -> Any:
+        if not isinstance(value, str) or not value or Path(value).is_absolute():
+            return value  # not a path (a type error is reported by validation), or nothing to resolve
+        return str((folder / value).resolve())
+
+    out = dict(data)
+    if isinstance(out.get("data"), dict):
+        out["data"] = {k: beside(v) if k in ("train", "val") else v for k, v in out["data"].items()}
+    if "out_dir" in out:
+        out["out_dir"] = beside(out["out_dir"])
+    model = out.get("model")
+    if isinstance(model, str) and not model.startswith("hf-hub:"):
+        if model.endswith((".yaml", ".yml")) or "/" in model or os.sep in model or (folder / model).exists():
+            out["model"] = beside(model)
+    return out
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
