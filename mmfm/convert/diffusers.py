@@ -58,7 +58,6 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor
 
 from mmfm.config import DiffusionHeadConfig
@@ -66,7 +65,6 @@ from mmfm.convert import Converted, register_converter
 from mmfm.convert.io import read_state_dict
 from mmfm.convert.keys import check_shapes
 from mmfm.errors import CheckpointError, ConfigError
-from mmfm.heads.diffusion import _build_denoiser
 
 PREFIX = "heads.image_gen.denoiser."
 NULL_COND = "heads.image_gen.null_cond"
@@ -127,6 +125,8 @@ def convert_diffusers(path: str | Path, vae_path: str | Path | None = None, vari
             `AutoencoderKL`, or weights that do not fit the config (missing, unexpected, mis-shaped keys listed).
         ConfigError: UNet, VAE or scheduler settings mmfm's head cannot represent, each field named with its value.
     """
+    from mmfm.heads.diffusion import _build_denoiser  # imports diffusers (seconds): only when converting
+
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: a diffusers model is a directory (a pipeline, or config.json + weights)")
@@ -193,6 +193,8 @@ def unet_geometry(unet: dict[str, Any], source: str) -> dict[str, Any]:
     name = unet.get("_class_name", UNET_CLASS)
     if name != UNET_CLASS:
         raise CheckpointError(f"{source}: _class_name is {name!r}, not {UNET_CLASS!r}; mmfm's head is that UNet")
+    from diffusers import UNet2DConditionModel
+
     defaults = {
         k: p.default for k, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items() if k != "self"
     }
@@ -261,6 +263,8 @@ def noise_schedule_fields(scheduler: dict[str, Any] | None, source: str) -> dict
         raise ConfigError(
             f"{source}: {name} has no beta_schedule; mmfm's head uses a DDPM-family (beta) noise schedule"
         )
+    from diffusers import DDPMScheduler
+
     defaults = {k: p.default for k, p in inspect.signature(DDPMScheduler.__init__).parameters.items()}
     fields = {key: scheduler.get(key, defaults[key]) for key in SCHEDULE_FIELDS}
     hints = get_type_hints(DiffusionHeadConfig)
