@@ -17,6 +17,7 @@ from benchmarks import (
     bench_diffusion_sampling,
     bench_dpm_vs_ddim,
     bench_image_encoder,
+    bench_import,
     bench_load,
     bench_train_step,
     bench_trainer,
@@ -32,6 +33,7 @@ BENCHMARKS = (
     bench_load,
     bench_diffusion_sampling,
     bench_dpm_vs_ddim,
+    bench_import,
 )
 
 
