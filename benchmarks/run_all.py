@@ -19,6 +19,7 @@ from benchmarks import (
     bench_dpm_vs_ddim,
     bench_embed_memory,
     bench_image_encoder,
+    bench_import,
     bench_load,
     bench_train_step,
     bench_trainer,
@@ -37,6 +38,7 @@ BENCHMARKS = (
     bench_dpm_vs_ddim,
     bench_embed_memory,
     bench_build_caption,
+    bench_import,
 )
 
 

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from timm.data import create_transform
 from torch import Tensor
 
 from mmfm.errors import ConfigError, InputError
@@ -48,6 +47,8 @@ class ImageProcessor:
         Raises:
             ConfigError: `in_chans` is not 1 or 3, or mean/std do not have `in_chans` values.
         """
+        from timm.data import create_transform  # imported here: timm takes a second to import
+
         if in_chans not in (1, 3):
             raise ConfigError(f"image.in_chans: images can be loaded as RGB (3) or L (1), not {in_chans} channels")
         for key in ("mean", "std"):

@@ -1,16 +1,20 @@
-"""Building timm ViT-family models for the image and audio encoders, with errors that name the config key."""
+"""Building timm ViT-family models for the image and audio encoders, with errors that name the config key.
+
+timm is imported by the functions that need it, not here: importing timm takes over a second (it imports
+torchvision), and `import mmfm` must not pay for it.
+"""
 
 from __future__ import annotations
 
 import difflib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import timm
-from timm.models import get_arch_name, is_model_in_modules
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from mmfm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 # timm modules whose models are VisionTransformer or a subclass.
 VIT_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid")
@@ -20,6 +24,9 @@ _CONFIG_KEYS = {"embed_dim": "width"}
 
 def check_vit_name(section: str, model_name: str) -> None:
     """Raises ConfigError, naming `section.model_name` and close matches, unless timm has this ViT-family model."""
+    import timm
+    from timm.models import get_arch_name, is_model_in_modules
+
     if not timm.is_model(model_name) or not is_model_in_modules(model_name, VIT_MODULES):
         known = timm.list_models(module=list(VIT_MODULES))
         close = difflib.get_close_matches(get_arch_name(model_name), known, n=3, cutoff=0.6)
@@ -43,6 +50,9 @@ def create_vit(section: str, model_name: str, **kwargs: Any) -> VisionTransforme
     Raises:
         ConfigError: the name is not a timm ViT-family model, or timm cannot build it with these arguments.
     """
+    import timm
+    from timm.models import get_arch_name
+
     check_vit_name(section, model_name)
     global_pool = kwargs.pop("global_pool", None) or ""
     num_classes = kwargs.pop("num_classes", None) or 0

@@ -9,16 +9,16 @@ tokens = encoder(processor(["cat.jpg"]))  # (1, 196, 768)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from timm.data import resolve_data_config
-from timm.data.transforms import str_to_interp_mode
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from mmfm.config import ImageEncoderConfig
 from mmfm.encoders.timm_vit import create_vit, num_vit_tokens, vit_tokens
 from mmfm.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 
 class ImageEncoder(nn.Module):
@@ -127,6 +127,9 @@ class ImageEncoder(nn.Module):
 
 def _data_config(vit: VisionTransformer, config: ImageEncoderConfig) -> dict[str, Any]:
     """The model's preprocessing as timm resolves it, with the config's non-None fields taking precedence."""
+    from timm.data import resolve_data_config
+    from timm.data.transforms import str_to_interp_mode
+
     channels = config.in_chans
     for key in ("mean", "std"):
         value = getattr(config, key)

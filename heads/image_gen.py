@@ -75,7 +75,7 @@ class ImageGenHead(nn.Module):
         problem = self.size_problem(config.image_size)
         if problem:
             raise ConfigError(f"image_gen.image_size: {problem}")
-        self.denoiser = _build_denoiser(config, dim, channels, config.image_size // self.vae_factor)
+        self.denoiser = build_denoiser(config, dim, channels, config.image_size // self.vae_factor)
         self.null_cond = nn.Parameter(torch.zeros(dim))
         self.noise_schedule = make_scheduler("ddpm", config)
 
@@ -299,7 +299,7 @@ def _load_vae(config: ImageGenHeadConfig) -> AutoencoderKL:
     return vae.requires_grad_(False).eval()
 
 
-def _build_denoiser(config: ImageGenHeadConfig, dim: int, channels: int, sample_size: int) -> nn.Module:
+def build_denoiser(config: ImageGenHeadConfig, dim: int, channels: int, sample_size: int) -> nn.Module:
     """The diffusers UNet or DiT over `channels`-channel inputs of side `sample_size`, cross-attending to width dim."""
     if config.architecture == "dit":
         return PixArtTransformer2DModel(

@@ -113,6 +113,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
 }
 SchedulerName = Literal[tuple(SCHEDULERS)]
+# Items `caption`, `classify` and `embed` put through the model at once, unless told otherwise.
+DEFAULT_BATCH_SIZE = 32
 Fail = Callable[[str], None]  # raises ConfigError with the message, prefixed by the config's source
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfm.backbone import Backbone
-from mmfm.config import HEADS, MEDIA, MEDIA_MODALITIES, ModelConfig, import_object
+from mmfm.config import DEFAULT_BATCH_SIZE, HEADS, MEDIA, MEDIA_MODALITIES, ModelConfig, import_object
 from mmfm.decoding import DecoderParts
 from mmfm.encoders.token_embedding import TokenEmbedding
 from mmfm.encoders.tokenizers import build_tokenizer
@@ -279,36 +279,43 @@ class MultimodalModel(nn.Module):
         images: Sequence[Any] | None = None,
         audio: Sequence[Any] | None = None,
         prompt: str | Sequence[str] | None = None,
-        **options: Any,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: bool = False,
+        **generation: Any,
     ) -> list[str]:
-        """One text per item; see `mmfm.pipelines.caption` (batch_size=, progress=, generation options)."""
+        """One text per item, `batch_size` items at a time; see `mmfm.pipelines.caption` (generation options)."""
         from mmfm import pipelines
 
-        return pipelines.caption(self, images, audio, prompt, **options)
+        return pipelines.caption(self, images, audio, prompt, batch_size=batch_size, progress=progress, **generation)
 
     def classify(
         self,
         images: Sequence[Any] | None = None,
         audio: Sequence[Any] | None = None,
         labels: Sequence[str] | None = None,
-        **options: Any,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: bool = False,
     ) -> Classification:
         """Class probabilities per item, trained head or zero-shot; see `mmfm.pipelines.classify`."""
         from mmfm import pipelines
 
-        return pipelines.classify(self, images, audio, labels, **options)
+        return pipelines.classify(self, images, audio, labels, batch_size=batch_size, progress=progress)
 
     def embed(
         self,
         text: str | Sequence[str] | None = None,
         images: Sequence[Any] | None = None,
         audio: Sequence[Any] | None = None,
-        **options: Any,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: bool = False,
     ) -> Tensor:
         """(N, E) unit embeddings of one modality's items; see `mmfm.pipelines.embed`."""
         from mmfm import pipelines
 
-        return pipelines.embed(self, text, images, audio, **options)
+        return pipelines.embed(self, text, images, audio, batch_size=batch_size, progress=progress)
 
     def generate_image(
         self,

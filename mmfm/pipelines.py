@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mmfm.config import MEDIA
+from mmfm.config import DEFAULT_BATCH_SIZE, MEDIA
 from mmfm.decoding import CachedDecoder, RecomputingDecoder
 from mmfm.errors import InputError
 from mmfm.text_generation import GenerationConfig, generate
@@ -26,7 +26,6 @@ from mmfm.text_generation import GenerationConfig, generate
 # Pipelines take a `mmfm.model.MultimodalModel`; they are annotated `nn.Module` because the model's own
 # `caption`, `classify`, ... forward here, and the package keeps its imports free of cycles.
 MultimodalModel = nn.Module
-DEFAULT_BATCH_SIZE = 32
 
 
 @dataclass

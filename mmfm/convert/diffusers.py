@@ -7,7 +7,7 @@ model, fresh = mmfm.loader.from_converted(converted, base="mmfm-base")
 ```
 
 mmfm's image generation head builds its denoiser as a diffusers `UNet2DConditionModel`
-(`mmfm.heads.image_gen._build_denoiser`), so the key map is the identity under a prefix:
+(`mmfm.heads.image_gen.build_denoiser`), so the key map is the identity under a prefix:
 
     {key}                                   -> heads.image_gen.denoiser.{key}
     (none)                                  -> heads.image_gen.null_cond = zeros(cross_attention_dim)
@@ -59,7 +59,6 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import Tensor
 
 from mmfm.config import ImageGenHeadConfig
@@ -67,7 +66,6 @@ from mmfm.convert import Converted, register_converter
 from mmfm.convert.io import read_state_dict
 from mmfm.convert.keys import check_shapes
 from mmfm.errors import CheckpointError, ConfigError
-from mmfm.heads.image_gen import _build_denoiser
 
 PREFIX = "heads.image_gen.denoiser."
 NULL_COND = "heads.image_gen.null_cond"
@@ -128,6 +126,8 @@ def convert_diffusers(path: str | Path, vae_path: str | Path | None = None, vari
             `AutoencoderKL`, or weights that do not fit the config (missing, unexpected, mis-shaped keys listed).
         ConfigError: UNet, VAE or scheduler settings mmfm's head cannot represent, each field named with its value.
     """
+    from mmfm.heads.image_gen import build_denoiser  # imports diffusers (seconds): only when converting
+
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: a diffusers model is a directory (a pipeline, or config.json + weights)")
@@ -168,7 +168,7 @@ def convert_diffusers(path: str | Path, vae_path: str | Path | None = None, vari
     state, weights_file = read_diffusers_state_dict(unet_dir, variant)
     dim = geometry["cross_attention_dim"]
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        reference = _build_denoiser(head, dim, geometry["in_channels"], geometry["sample_size"])
+        reference = build_denoiser(head, dim, geometry["in_channels"], geometry["sample_size"])
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     check_shapes(expected, state, str(weights_file), f"the {UNET_CLASS} its {CONFIG_NAME} describes")
     out = {PREFIX + k: v for k, v in state.items()}
@@ -194,6 +194,8 @@ def unet_geometry(unet: dict[str, Any], source: str) -> dict[str, Any]:
     name = unet.get("_class_name", UNET_CLASS)
     if name != UNET_CLASS:
         raise CheckpointError(f"{source}: _class_name is {name!r}, not {UNET_CLASS!r}; mmfm's head is that UNet")
+    from diffusers import UNet2DConditionModel
+
     defaults = {
         k: p.default for k, p in inspect.signature(UNet2DConditionModel.__init__).parameters.items() if k != "self"
     }
@@ -262,6 +264,8 @@ def noise_schedule_fields(scheduler: dict[str, Any] | None, source: str) -> dict
         raise ConfigError(
             f"{source}: {name} has no beta_schedule; mmfm's head uses a DDPM-family (beta) noise schedule"
         )
+    from diffusers import DDPMScheduler
+
     defaults = {k: p.default for k, p in inspect.signature(DDPMScheduler.__init__).parameters.items()}
     fields = {key: scheduler.get(key, defaults[key]) for key in SCHEDULE_FIELDS}
     hints = get_type_hints(ImageGenHeadConfig)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import re
 
-from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
 from mmfm.errors import CheckpointError
@@ -98,4 +97,6 @@ def resample_pos_embed(pos_embed: Tensor, grid: int, num_prefix_tokens: int, sou
         )
     if old == grid:
         return pos_embed
+    from timm.layers import resample_abs_pos_embed  # timm takes a second to import: only when resampling
+
     return resample_abs_pos_embed(pos_embed, new_size=[grid, grid], num_prefix_tokens=num_prefix_tokens)

@@ -22,11 +22,9 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import Tensor
 
 from mmfm.config import (
@@ -42,6 +40,9 @@ from mmfm.convert.keys import check_shapes, rename, resample_pos_embed
 from mmfm.encoders.text_tower import TextTower
 from mmfm.encoders.vision import ImageEncoder
 from mmfm.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 TOWERS = ("image", "text")
 IMAGE_PREFIX = "encoders.image.vit."
@@ -239,6 +240,8 @@ def _pretrained_preprocess(model_name: str | None, tag: str) -> dict[str, Any]:
 
 def _parse_model_cfg(cfg: dict[str, Any], source: str) -> tuple[CLIPVisionCfg, CLIPTextCfg, int, bool]:
     """open_clip's config dict -> its vision and text dataclasses; refuses what mmfm's towers cannot be."""
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
     problems = [f"{k}={v!r}" for k, v in cfg.items() if k not in _MODEL_FIELDS and v]
     try:
         vision = CLIPVisionCfg(**cfg.get("vision_cfg", {}))
@@ -298,6 +301,8 @@ def _image_config(
     img_size: int | None,
     source: str,
 ) -> ImageEncoderConfig:
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
     size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
     if not isinstance(vision.image_size, int) and len(set(vision.image_size)) != 1:
         raise ConfigError(f"{source}: vision_cfg.image_size={vision.image_size!r} is not square")

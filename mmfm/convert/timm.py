@@ -12,7 +12,7 @@ Preprocessing (mean, std, crop, interpolation) comes from timm's pretrained conf
 directory's), and the image size from the file's position embedding unless `img_size` asks for another, in
 which case the position embedding is resampled bicubically. The classifier head is dropped unless
 `keep_head=True`, which keeps it as the encoder's pooled head (`image.head_dim`): a CLIP image tower's
-projection, say.
+projection, say. timm is imported by the functions that call it, so registering this converter is cheap.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-from timm.models import get_pretrained_cfg
 from torch import Tensor, nn
 
 from mmfm.config import ImageEncoderConfig
@@ -153,6 +151,8 @@ def _read_hub_directory(
     directory: Path, model_name: str | None
 ) -> tuple[dict[str, Tensor], str, str, dict[str, Any], dict[str, Any]]:
     """Weights, their file, architecture, pretrained config and model arguments of a timm hub directory."""
+    from timm.models import get_arch_name
+
     config_path = directory / "config.json"
     try:
         config = json.loads(config_path.read_text())
@@ -163,7 +163,7 @@ def _read_hub_directory(
         ) from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{config_path}: not a timm model config ({type(e).__name__}: {e})") from None
-    if model_name is not None and timm.models.get_arch_name(model_name) != arch:
+    if model_name is not None and get_arch_name(model_name) != arch:
         raise CheckpointError(f"{directory}: the checkpoint is timm '{arch}', not {model_name!r}")
     state, weights = read_hf_state_dict(directory)
     pretrained = config.get("pretrained_cfg") or _pretrained_cfg(arch)
@@ -172,6 +172,8 @@ def _read_hub_directory(
 
 def _pretrained_cfg(model_name: str) -> dict[str, Any]:
     """timm's pretrained config of a name (its tag, or the architecture's default tag) as a dict."""
+    from timm.models import get_pretrained_cfg
+
     try:
         cfg = get_pretrained_cfg(model_name)
     except RuntimeError as e:  # timm's error for a tag the architecture does not have
@@ -183,6 +185,8 @@ def _pretrained_cfg(model_name: str) -> dict[str, Any]:
 
 def _reference(model_name: str, model_args: dict[str, Any], source: str) -> nn.Module:
     """The named architecture with these arguments, built on the meta device (shapes only, no memory)."""
+    import timm
+
     try:
         with torch.device("meta"):
             return timm.create_model(model_name, pretrained=False, **model_args)

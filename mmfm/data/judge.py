@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.svm import SVC
 
 from mmfm.errors import InputError
 
@@ -63,6 +62,8 @@ class DigitsJudge:
         return judge
 
     def _fit(self, grids: np.ndarray, labels: np.ndarray) -> None:
+        from sklearn.svm import SVC  # scikit-learn takes a second to import: only when a judge is made
+
         # gamma for features in 0..16: the scikit-learn digits example's setting, ~99% on held-out digits
         self.classifier = SVC(gamma=0.001, C=10.0).fit(grids.reshape(len(grids), -1), labels)
 

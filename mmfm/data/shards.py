@@ -10,7 +10,8 @@ Each example is stored under an 8-digit key (its manifest index) as up to three 
 
 `ShardDataset` is an `IterableDataset`: it streams shards in order, so it cannot jump to an example. Resuming a
 run mid-epoch therefore replays the epoch from its start; exact resume (`EpochSampler.set_start`) is for map-style
-datasets such as `ManifestDataset`.
+datasets such as `ManifestDataset`. webdataset is imported by the functions that use it, so `import mmfm.data`
+does not pay for it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any
 import numpy as np
 import soundfile
 import torch.distributed as dist
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -51,6 +51,8 @@ def write_shards(dataset: Any, pattern: str | Path, max_count: int = 1000) -> li
         InputError: `pattern` has no `%d`-style field, or a media file has an extension the reader would not
             recognise; the message names it.
     """
+    import webdataset as wds
+
     pattern = str(pattern)
     try:
         first, second = pattern % 0, pattern % 1
@@ -110,6 +112,8 @@ class ShardDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
+        import webdataset as wds
+
         super().__init__()
         if isinstance(urls, (str, Path)):
             self.urls = wds.shardlists.expand_urls(str(urls))
@@ -136,6 +140,8 @@ class ShardDataset(IterableDataset):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         slots = self.world_size * num_workers

@@ -1,7 +1,8 @@
 """Transfer: freeze parameter groups by name, and LoRA adapters (through `peft`) with adapter-only save and merge.
 
 Adapters are injected in place (`peft.inject_adapter_in_model`), so the model stays a `MultimodalModel`:
-every API method, `save_pretrained` and the trainer work unchanged on it.
+every API method, `save_pretrained` and the trainer work unchanged on it. peft is imported by the functions
+that use it (it imports transformers: seconds), so importing this module, and the trainer, does not pay for it.
 """
 
 from __future__ import annotations
@@ -9,9 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -58,6 +56,9 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     Everything else in the adapted parts (weights, norms) is frozen, so only the adapters train there;
     projectors, heads and the text embedding train unless frozen by `freeze`. Returns the same model object.
     """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
     targets = _BACKBONE_TARGETS if not config.encoders else f"({_BACKBONE_TARGETS})|({_ENCODER_TARGETS})"
     peft_config = PeftLoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets
@@ -72,11 +73,15 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
 
 
 def has_lora(model: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
     return any(isinstance(m, LoraLayer) for m in model.modules())
 
 
 def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig) -> Path:
     """Writes only the adapter weights (`adapter_model.safetensors`) and their settings (`adapter_config.json`)."""
+    from peft import get_peft_model_state_dict
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
@@ -88,6 +93,8 @@ def save_adapter(model: nn.Module, directory: str | Path, config: LoraConfig) ->
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Injects adapters as saved by `save_adapter` into a model of the same architecture and loads them."""
+    from peft import set_peft_model_state_dict
+
     directory = Path(directory)
     try:
         settings = json.loads((directory / ADAPTER_CONFIG).read_text())
@@ -103,6 +110,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Folds every adapter into its base layer and puts the plain layer back; the model's keys are as before."""
+    from peft.tuners.lora import LoraLayer
+
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge()
