@@ -69,3 +69,11 @@ def test_train_errors_name_the_key_and_the_manifest_line(make_recipe, tiny_digit
     assert "bad.jsonl:3:" in capsys.readouterr().err
     recipe = make_recipe("lenient", data={"train": str(bad), "on_error": "skip"}, steps=1)
     assert main(["train", str(recipe)]) == 0
+
+
+def test_eval_takes_a_preset_as_any_model_argument_and_warns_of_random_weights(tiny_digits, tmp_path, capsys):
+    # A preset has random weights: the metrics mean nothing, but the command runs as on a checkpoint.
+    assert main(["eval", "--model", "mmfm-test", "--data", str(tiny_digits / "val.jsonl")]) == 0
+    out, err = capsys.readouterr()
+    assert "random weights" in err
+    assert "val/image_caption/" in out and "val/digit/" not in out
