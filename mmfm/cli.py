@@ -273,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--labels-file", metavar="FILE", help="zero-shot labels, one per line (blank lines skipped)")
     classify.add_argument("--top", type=_positive_int, default=5, metavar="N", help="classes shown (default: 5)")
     # --top-k was this option's name; caption's --top-k means sampling, so classify's now has its own name.
-    classify.add_argument("--top-k", type=_positive_int, dest="top", action=_Deprecated, help=argparse.SUPPRESS)
+    classify.add_argument(
+        "--top-k", type=_positive_int, dest="top", action=_Deprecated, use="--top", help=argparse.SUPPRESS
+    )
 
     embed = command("embed", "Embed texts, images or audio files as unit vectors.", _EMBED_EPILOG, _embed)
     _add_inference_options(embed, files="*")
@@ -368,18 +370,35 @@ def _add_generate_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help=_JSON_HELP)
     # The names before they matched the Python API's.
-    parser.add_argument("--steps", type=int, dest="num_inference_steps", action=_Deprecated, help=argparse.SUPPRESS)
-    parser.add_argument("--guidance", type=float, dest="guidance_scale", action=_Deprecated, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        dest="num_inference_steps",
+        action=_Deprecated,
+        use="--num-inference-steps",
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        dest="guidance_scale",
+        action=_Deprecated,
+        use="--guidance-scale",
+        help=argparse.SUPPRESS,
+    )
 
 
 class _Deprecated(argparse.Action):
-    """An old option name: stores its value under the new option's dest and says so on stderr."""
+    """An old option name: stores its value under the new option's dest and says on stderr to use `use` instead."""
+
+    def __init__(self, *args: Any, use: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.use = use
 
     def __call__(
         self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
     ) -> None:
-        new = next(a for a in parser._actions if a.dest == self.dest and a is not self).option_strings[0]
-        print(f"mmfm: warning: {option} is deprecated; use {new}", file=sys.stderr)
+        print(f"mmfm: warning: {option} is deprecated; use {self.use}", file=sys.stderr)
         setattr(namespace, self.dest, values)
 
 
