@@ -1,123 +1,139 @@
 """The `mmfm` command: inspect models, caption, classify and embed files, generate images, from the shell.
 
-Every subcommand is a thin layer over the Python API (`mmfm.create_model`, `mmfm.load`, `model.caption`,
-`model.classify`, `model.embed`, `model.generate_image`); errors mmfm raises on purpose are printed as one
-line, with exit code 2.
+Every subcommand is a thin layer over the Python API (`mmfm.loader.open_model`, `mmfm.pipelines`); errors mmfm
+raises on purpose are printed as one line, with exit code 2. The parser is built without torch or the model
+code, which each command imports when it runs, so `mmfm --version` and `mmfm --help` answer at once.
+
+The inference commands (caption, classify, embed, generate-image) share their options: `--model` (a preset
+name, a shipped config name, a checkpoint folder, a pretrained tag or an `hf-hub:org/name` repository),
+`--device`, `--dtype`, `--batch-size` and `--json`; their inputs are files or folders (walked recursively,
+files taken by extension). A progress bar is drawn on stderr when stderr is a terminal and there is more than
+one batch; stdout only ever holds the results.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
-
-import numpy as np
-import torch
-import yaml
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 import mmfm
-from mmfm.checkpoint import CONFIG_NAME
-from mmfm.config import SCHEDULERS
-from mmfm.data.digits import write_digits
+from mmfm.config import DEFAULT_BATCH_SIZE, DTYPE_NAMES, MEDIA, SCHEDULERS
 from mmfm.errors import InputError, MMFMError
-from mmfm.loader import from_converted, open_model
-from mmfm.model import MultimodalModel
-from mmfm.pipelines import image_grid
-from mmfm.registry import read_config
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
-YAML_EXTENSIONS = (".yaml", ".yml")
+if TYPE_CHECKING:
+    from mmfm.model import MultimodalModel
 
 # A caption printed as-is could break the one-line-per-file output.
 _LINE_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
-T = TypeVar("T")
-
 _MODEL_HELP = (
-    "a checkpoint directory written by save_pretrained, or a preset name from `mmfm info --list` "
-    "(a preset has random weights: useful for trying the command, not for real outputs)"
+    "a preset or shipped config name (`mmfm info --list`; random weights: for trying the command, not for real "
+    "outputs), a checkpoint folder written by save_pretrained, a pretrained tag, or hf-hub:org/name"
 )
+_DEVICE_HELP = "where the model runs: cpu (default), cuda, cuda:1, mps"
+_DTYPE_HELP = f"the parameters' dtype: {', '.join(DTYPE_NAMES)} (default: {DTYPE_NAMES[0]}; float16: GPUs only)"
+_JSON_HELP = "print one JSON object per input instead of plain text"
+_FILES_HELP = "image or audio files (told apart by extension), or folders of them (searched recursively)"
 
 _MAIN_EPILOG = """\
 examples:
-  mmfm info --list                                  registered model presets
-  mmfm info mmfm-tiny                               config and parameter counts of a preset
+  mmfm info --list                                  presets, shipped configs and pretrained tags
+  mmfm info --model mmfm-tiny                       config and parameter counts of a preset
   mmfm caption --model out/ cat.jpg dog.wav         one caption per file
+  mmfm caption --model out/ photos/ --device cuda --dtype bfloat16 --json
   mmfm classify --model out/ cat.jpg --labels cat,dog,bird
   mmfm embed --model out/ --text "a cat" --text "a dog" --out text.npy
-  mmfm generate --model out/ --text "a red square" --out square.png
+  mmfm generate-image --model out/ --text "a red square" --out square.png
   mmfm data digits data/digits/                     write the demo dataset: digits, tones, manifests
   mmfm convert ast_dir/ out/ --from ast             weights of another library -> an mmfm checkpoint
 
-`mmfm COMMAND --help` explains each command and its options.
+`mmfm COMMAND --help` explains each command and its options. The inference commands (caption, classify,
+embed, generate-image) all take --model, --device, --dtype, --batch-size and --json, and files or folders.
 """
 
 _INFO_EPILOG = """\
 examples:
-  mmfm info                      list the registered presets (same as --list)
-  mmfm info mmfm-tiny            config and parameter counts of a preset
-  mmfm info out/                 the same for a directory written by save_pretrained
-  mmfm info my_recipe.yaml       the same for a YAML config or recipe
+  mmfm info --list                       presets, shipped config names and pretrained tags, by section
+  mmfm info --model mmfm-tiny            config and parameter counts of a preset
+  mmfm info --model mmfm-tiny-digits     the same for a shipped config (configs/models/NAME.yaml)
+  mmfm info --model out/                 the same for a folder written by save_pretrained
+  mmfm info --model my_recipe.yaml       the same for a YAML config or recipe
 
-The config is printed as YAML (it can be saved and passed back to mmfm.create_model), then one row
-per component with its parameter count, rounded (86.6M) and exact; tied weights count once.
+Without --model, lists as --list does. The config is printed as YAML (it can be saved and passed back to
+mmfm.create_model), then one row per component with its parameter count, rounded (86.6M) and exact; tied
+weights count once. Architectures and checkpoint folders are counted from their config alone, without
+allocating weights; a pretrained tag or hub repository is loaded.
 """
+
+_INPUTS_NOTE = f"""\
+FILE arguments may be folders: every file below them whose extension is known is taken, in sorted order
+(hidden files and folders are skipped). Images: {" ".join(MEDIA["image"].extensions)}; audio:
+{" ".join(MEDIA["audio"].extensions)}. A progress bar is drawn on stderr when it is a terminal and the
+inputs need more than one batch (--batch-size, default {DEFAULT_BATCH_SIZE})."""
 
 _CAPTION_EPILOG = f"""\
 examples:
   mmfm caption --model out/ cat.jpg                 greedy caption of one image
   mmfm caption --model out/ a.png b.png clip.wav    images and audio in one call
+  mmfm caption --model out/ photos/ --json          every image and clip below photos/, as JSON lines
   mmfm caption --model out/ cat.jpg --num-beams 4 --max-new-tokens 20
   mmfm caption --model out/ cat.jpg --do-sample --top-p 0.9 --seed 0
   mmfm caption --model out/ cat.jpg --prompt "a photo of"
 
-Prints FILE<TAB>caption per file, in the order given. Tabs and line breaks inside a caption are printed
-as \\t, \\n and \\r so that every file stays on one line. Images and audio are captioned as separate
-batches. Images: {" ".join(IMAGE_EXTENSIONS)}; audio: {" ".join(AUDIO_EXTENSIONS)}.
+Prints FILE<TAB>caption per file, in input order. Tabs and line breaks inside a caption are printed as \\t,
+\\n and \\r so that every file stays on one line. With --json each file prints
+{{"input": FILE, "caption": TEXT}} on its own line instead. Images and audio are captioned separately.
+{_INPUTS_NOTE}
 """
 
-_CLASSIFY_EPILOG = """\
+_CLASSIFY_EPILOG = f"""\
 examples:
   mmfm classify --model out/ cat.jpg                        with the model's trained head
   mmfm classify --model out/ cat.jpg --labels cat,dog,bird  zero-shot against these labels
-  mmfm classify --model out/ a.wav --labels-file labels.txt --top-k 3
+  mmfm classify --model out/ clips/ --labels-file labels.txt --top 3 --json
 
-Prints FILE, then the top-k classes as `label (probability)`, tab-separated, one line per file.
+Prints FILE, then the --top classes as `label (probability)`, tab-separated, one line per file. With --json
+each file prints {{"input": FILE, "label": BEST, "top": [{{"label": L, "probability": P}}, ...]}} instead.
 Zero-shot compares each file's embedding with the text embedding of every label (as CLIP does), so it
 needs a model with a contrastive head; without labels the model needs a classify head.
+{_INPUTS_NOTE}
 """
 
-_EMBED_EPILOG = """\
+_EMBED_EPILOG = f"""\
 examples:
   mmfm embed --model out/ --text "a cat" --text "a dog"   one JSON line per text
   mmfm embed --model out/ cat.jpg bark.wav --out emb.npy   a (2, E) float32 array in emb.npy
+  mmfm embed --model out/ photos/ --device cuda --out emb.npy --json
 
 Embeddings are unit vectors, so a dot product is a cosine similarity, also across modalities. With
---out, row i of the .npy file (read it with numpy.load) is input i; --out is written exactly as named.
-Without --out, each input prints {"input": ..., "embedding": [...]} on its own line.
+--out, row i of the .npy file (read it with numpy.load) is input i; --out is written exactly as named, and
+--json then prints {{"input": ..., "out": FILE.npy, "row": i}} per input. Without --out, each input prints
+{{"input": ..., "embedding": [...]}} on its own line (with or without --json).
+{_INPUTS_NOTE}
 """
 
 _GENERATE_EPILOG = """\
 examples:
-  mmfm generate --model out/ --text "a red square" --out square.png
-  mmfm generate --model out/ --text "a seven" --text "a two" --num-images 4 --out grid.png
-  mmfm generate --model out/ --audio bark.wav --out bark.png --seed 0
-  mmfm generate --model out/ --image cat.png --num-images 3 --out variations.png
-  mmfm generate --model out/ --text "a cat" --scheduler ddim --steps 50 --guidance 5 --out cat.png
+  mmfm generate-image --model out/ --text "a red square" --out square.png
+  mmfm generate-image --model out/ --text "a seven" --text "a two" --num-images 4 --out grid.png
+  mmfm generate-image --model out/ --audio bark.wav --out bark.png --seed 0
+  mmfm generate-image --model out/ --image cat.png --num-images 3 --out variations.png
+  mmfm generate-image --model out/ --text "a cat" --scheduler ddim --num-inference-steps 50 \\
+      --guidance-scale 5 --device cuda --dtype bfloat16 --out cat.png
 
-Each --text, --audio or --image is one condition (repeat the option for more; use one kind per call).
-One image is written to --out as it is; several make one grid image with a row per condition and
---num-images columns (a single condition's images are laid out as a square-ish grid). The image
-format follows the extension of --out. Defaults for the sampler, steps and guidance come from the
-model's image_gen config; --seed makes the images reproducible.
+Each --text, --audio or --image is one condition (repeat the option for more; use one kind per call);
+--audio and --image also take folders, walked as the other commands walk them. One image is written to
+--out as it is; several make one grid image with a row per condition and --num-images columns (a single
+condition's images are laid out as a square-ish grid). The image format follows the extension of --out.
+With --json each condition prints {"input": ..., "out": PATH, "cells": [[row, column], ...],
+"cell_size": [width, height]}: where its images are in the written file. Defaults for the sampler, steps
+and guidance come from the model's image_gen config; --seed makes the images reproducible. `mmfm generate`
+is the deprecated name of this command, as are --steps and --guidance of its options.
 """
 
 _DATA_EPILOG = """\
@@ -158,9 +174,11 @@ _EVAL_EPILOG = """\
 examples:
   mmfm eval --model runs/demo/final --data data/digits/val.jsonl
   mmfm eval --model runs/demo/final --data data/digits/val.jsonl --samples 5 --out metrics.json
+  mmfm eval --model mmfm-test --data data/digits/val.jsonl   a preset: random weights, chance-level metrics
 
-The tasks come from --config, else from the run folder's train_config.yaml, else from the model's
-heads and the manifest's fields. Prints one `name: value` line per metric.
+--model takes what the inference commands take. The tasks come from --config, else from the run folder's
+train_config.yaml, else from the model's heads and the manifest's fields. Prints one `name: value` line
+per metric.
 """
 
 
@@ -188,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         The exit code: 0 on success, 2 for a usage error or an error mmfm raises on purpose.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would blame the top parser: name the subcommand and show its usage instead
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
@@ -201,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `mmfm` and all its subcommands."""
+    """The argument parser of `mmfm` and all its subcommands (built without importing torch or the model code)."""
     parser = argparse.ArgumentParser(
         prog="mmfm",
         description="Multimodal foundation models: caption, classify, embed and generate images and audio.",
@@ -212,20 +232,27 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
     def command(
-        name: str, summary: str, epilog: str, run: Callable[[argparse.Namespace], None]
+        name: str, summary: str | None, epilog: str, run: Callable[[argparse.Namespace], None], **kwargs: Any
     ) -> argparse.ArgumentParser:
+        # Without help= a command is left out of `mmfm --help` (deprecated names).
+        listed = {"help": summary} if summary is not None else {}
         sub = commands.add_parser(
-            name, help=summary, description=summary, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+            name,
+            **listed,
+            description=kwargs.pop("description", summary),
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, parser=sub)
         return sub
 
-    info = command("info", "Show a model's config and parameter counts, or list the presets.", _INFO_EPILOG, _info)
-    info.add_argument("model", nargs="?", metavar="NAME|DIR|YAML", help="a preset name, checkpoint directory or YAML")
-    info.add_argument("--list", action="store_true", help="list the registered presets")
+    info = command("info", "Show a model's config and parameter counts, or list the models.", _INFO_EPILOG, _info)
+    info.add_argument("--model", metavar="MODEL", help="a preset or config name, checkpoint folder, tag or YAML file")
+    info.add_argument("spec", nargs="?", metavar="MODEL", help=argparse.SUPPRESS)  # the old positional form
+    info.add_argument("--list", action="store_true", help="list presets, shipped config names and pretrained tags")
 
     caption = command("caption", "Write a caption for each image or audio file.", _CAPTION_EPILOG, _caption)
-    _add_model_and_files(caption)
+    _add_inference_options(caption)
     caption.add_argument("--prompt", help="text every caption starts from (not printed)")
     caption.add_argument("--max-new-tokens", type=int, metavar="N", help="caption length limit in tokens")
     caption.add_argument("--num-beams", type=int, metavar="N", help="beam search width (default: 1, greedy)")
@@ -237,40 +264,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     summary = "Classify each image or audio file, with the trained head or zero-shot against labels."
     classify = command("classify", summary, _CLASSIFY_EPILOG, _classify)
-    _add_model_and_files(classify)
+    _add_inference_options(classify)
     labels = classify.add_mutually_exclusive_group()
     labels.add_argument("--labels", metavar="A,B,C", help="comma-separated labels for zero-shot classification")
     labels.add_argument("--labels-file", metavar="FILE", help="zero-shot labels, one per line (blank lines skipped)")
-    classify.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="classes shown (default: 5)")
+    classify.add_argument("--top", type=_positive_int, default=5, metavar="N", help="classes shown (default: 5)")
+    # --top-k was this option's name; caption's --top-k means sampling, so classify's now has its own name.
+    classify.add_argument(
+        "--top-k", type=_positive_int, dest="top", action=_Deprecated, use="--top", help=argparse.SUPPRESS
+    )
 
     embed = command("embed", "Embed texts, images or audio files as unit vectors.", _EMBED_EPILOG, _embed)
-    embed.add_argument("--model", required=True, metavar="NAME|DIR", help=_MODEL_HELP)
-    embed.add_argument("files", nargs="*", metavar="FILE", help="image or audio files (by extension)")
+    _add_inference_options(embed, files="*")
     embed.add_argument("--text", action="append", metavar="TEXT", help="a text to embed; repeat for more")
     embed.add_argument("--out", metavar="FILE.npy", help="write an (N, E) float32 .npy array instead of JSON lines")
 
     summary = "Generate images from texts, audio files or images (variations)."
-    generate = command("generate", summary, _GENERATE_EPILOG, _generate)
-    generate.add_argument("--model", required=True, metavar="NAME|DIR", help=_MODEL_HELP)
-    conditions = generate.add_mutually_exclusive_group(required=True)
-    conditions.add_argument("--text", action="append", metavar="TEXT", help="a prompt; repeat for more")
-    conditions.add_argument("--audio", action="append", metavar="FILE", help="an audio file; repeat for more")
-    conditions.add_argument("--image", action="append", metavar="FILE", help="an image to vary; repeat for more")
-    generate.add_argument("--out", required=True, metavar="PATH", help="the image (or grid) to write: .png, .jpg, ...")
-    generate.add_argument("--num-images", type=_positive_int, default=1, metavar="N", help="per condition (default: 1)")
-    generate.add_argument("--steps", type=int, metavar="N", help="denoising steps (default: the model's)")
-    generate.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale, 1 for none")
-    generate.add_argument("--scheduler", choices=list(SCHEDULERS), help="the sampler (default: the model's)")
-    generate.add_argument("--seed", type=int, metavar="N", help="seed for reproducible images")
+    generate = command("generate-image", summary, _GENERATE_EPILOG, _generate)
+    _add_generate_options(generate)
+    old = command("generate", None, _GENERATE_EPILOG, _generate, description=f"Deprecated: {summary}")
+    _add_generate_options(old)
 
     summary = "Train or fine-tune a model from a YAML recipe (also one rank of a torchrun job)."
     train = command("train", summary, _TRAIN_EPILOG, _train)
     train.add_argument("config", metavar="CONFIG", help="a training recipe (YAML), e.g. configs/train/demo.yaml")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe fields to change (optim.lr=3e-4)")
 
-    summary = "Compute held-out metrics of a saved model on a manifest."
+    summary = "Compute held-out metrics of a model on a manifest."
     evaluate = command("eval", summary, _EVAL_EPILOG, _eval)
-    evaluate.add_argument("--model", required=True, metavar="DIR", help="a directory written by save_pretrained")
+    evaluate.add_argument("--model", required=True, metavar="MODEL", help=_MODEL_HELP)
     evaluate.add_argument("--data", required=True, metavar="MANIFEST", help="a JSONL manifest of held-out examples")
     evaluate.add_argument(
         "--config", metavar="RECIPE", help="take the tasks from this training recipe (default: the run's own)"
@@ -290,13 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     summary = "Write a built-in dataset as files and JSONL manifests."
-    data = commands.add_parser(
-        "data",
-        help=summary,
-        description=summary,
-        epilog=_DATA_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    data = command("data", summary, _DATA_EPILOG, _no_dataset)
     datasets = data.add_subparsers(dest="dataset", title="datasets", metavar="DATASET", required=True)
     summary = "Write the handwritten digits demo dataset: images, DTMF tones, captions, labels."
     digits = datasets.add_parser(
@@ -306,15 +322,81 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_DIGITS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    digits.set_defaults(run=_data_digits)
+    digits.set_defaults(run=_data_digits, parser=digits)
     digits.add_argument("out", metavar="OUT", help="the directory to write into (created if missing)")
     digits.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the tones and the split (default: 0)")
     return parser
 
 
-def _add_model_and_files(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="NAME|DIR", help=_MODEL_HELP)
-    parser.add_argument("files", nargs="+", metavar="FILE", help="image or audio files (told apart by extension)")
+def _add_inference_options(parser: argparse.ArgumentParser, files: str = "+") -> None:
+    """--model, --device, --dtype, --batch-size, --json and the FILE arguments of caption, classify and embed."""
+    parser.add_argument("files", nargs=files, metavar="FILE", help=_FILES_HELP)
+    _add_model_options(parser)
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help=f"inputs per forward pass (default: {DEFAULT_BATCH_SIZE}); memory grows with it, not with the inputs",
+    )
+    parser.add_argument("--json", action="store_true", help=_JSON_HELP)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="MODEL", help=_MODEL_HELP)
+    parser.add_argument("--device", default="cpu", metavar="DEVICE", help=_DEVICE_HELP)
+    parser.add_argument("--dtype", metavar="DTYPE", help=_DTYPE_HELP)
+
+
+def _add_generate_options(parser: argparse.ArgumentParser) -> None:
+    _add_model_options(parser)
+    conditions = parser.add_mutually_exclusive_group(required=True)
+    conditions.add_argument("--text", action="append", metavar="TEXT", help="a prompt; repeat for more")
+    conditions.add_argument("--audio", action="append", metavar="FILE", help="an audio file or folder; repeatable")
+    conditions.add_argument("--image", action="append", metavar="FILE", help="an image (folder) to vary; repeatable")
+    parser.add_argument("--out", required=True, metavar="PATH", help="the image (or grid) to write: .png, .jpg, ...")
+    parser.add_argument("--num-images", type=_positive_int, default=1, metavar="N", help="per condition (default: 1)")
+    parser.add_argument(
+        "--num-inference-steps", type=int, metavar="N", help="denoising steps (default: the model's image_gen config)"
+    )
+    parser.add_argument("--guidance-scale", type=float, metavar="G", help="classifier-free guidance scale, 1 for none")
+    parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="the sampler (default: the model's)")
+    parser.add_argument("--seed", type=int, metavar="N", help="seed for reproducible images")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, metavar="N", help="most images denoised at once (default: all of them)"
+    )
+    parser.add_argument("--json", action="store_true", help=_JSON_HELP)
+    # The names before they matched the Python API's.
+    parser.add_argument(
+        "--steps",
+        type=int,
+        dest="num_inference_steps",
+        action=_Deprecated,
+        use="--num-inference-steps",
+        help=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        dest="guidance_scale",
+        action=_Deprecated,
+        use="--guidance-scale",
+        help=argparse.SUPPRESS,
+    )
+
+
+class _Deprecated(argparse.Action):
+    """An old option name: stores its value under the new option's dest and says on stderr to use `use` instead."""
+
+    def __init__(self, *args: Any, use: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.use = use
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        print(f"mmfm: warning: {option} is deprecated; use {self.use}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _positive_int(text: str) -> int:
@@ -327,19 +409,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-# ---- commands ----
+# ---- commands (each imports what it needs, so that parsing stays fast) ----
 
 
 def _info(args: argparse.Namespace) -> None:
-    if args.list or args.model is None:
-        print("\n".join(mmfm.list_models()))
+    spec = args.model or args.spec
+    if args.list or spec is None:
+        _list_models()
         return
-    # Counting needs shapes only: the meta device allocates and initialises nothing, so large models are instant.
-    with torch.device("meta"):
-        if _is_checkpoint(args.model):
-            model = MultimodalModel(read_config(Path(args.model) / CONFIG_NAME))
-        else:
-            model = mmfm.create_model(args.model)
+    model = _shapes_only(spec)
+    import yaml
+
     counts = model.parameter_counts()
     counts["total"] = sum(counts.values())
     width = max(map(len, counts))
@@ -352,8 +432,44 @@ def _info(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {_human(count):>7}  {count:>{exact_width},}")
 
 
+def _list_models() -> None:
+    from mmfm import registry
+    from mmfm.pretrained import list_pretrained
+
+    # list_configs (shipped configs/models/NAME.yaml) arrives with issue 10's reachable configs.
+    configs = registry.list_configs() if hasattr(registry, "list_configs") else []
+    sections = {
+        "presets: architectures, random weights (mmfm.create_model)": registry.list_models(),
+        "configs: shipped architectures, configs/models/NAME.yaml (mmfm.create_model)": configs,
+        "pretrained: tags with weights (mmfm.load)": list_pretrained(),
+    }
+    print("\n\n".join("\n".join([f"# {title}", *names]) for title, names in sections.items()))
+
+
+def _shapes_only(spec: str) -> MultimodalModel:
+    """The model `spec` names, for counting: architectures and checkpoint folders on the meta device (nothing is
+    allocated or initialised, so large models are instant); anything else (a tag, a hub repository, a weights
+    file, a Hugging Face folder) is loaded."""
+    import torch
+
+    from mmfm.checkpoint import CONFIG_NAME
+    from mmfm.errors import ConfigError
+    from mmfm.loader import create_model, open_model
+    from mmfm.model import MultimodalModel
+    from mmfm.registry import read_config
+
+    with torch.device("meta"):
+        if (Path(spec) / CONFIG_NAME).is_file():
+            return MultimodalModel(read_config(Path(spec) / CONFIG_NAME))
+        try:
+            return create_model(spec)
+        except ConfigError:
+            pass  # not a preset, config name or YAML file: open_model says what it is, or why not
+    return open_model(spec)[0]
+
+
 def _caption(args: argparse.Namespace) -> None:
-    groups = _group_by_modality(args.files)
+    inputs = _expand_inputs(args.files)
     options = {
         "prompt": args.prompt,
         "do_sample": args.do_sample,
@@ -365,68 +481,109 @@ def _caption(args: argparse.Namespace) -> None:
         "seed": args.seed,
     }
     options = {k: v for k, v in options.items() if v is not None}
-    model = _load_model(args.model)
-    captions = _run_grouped(args.files, groups, lambda inputs: model.caption(**inputs, **options))
-    for path, text in zip(args.files, captions):
-        print(f"{path}\t{text.translate(_LINE_ESCAPES)}")
+    model = _open_model(args)
+    from mmfm.pipelines import caption
+
+    captions = _run_grouped(inputs, lambda batch: caption(model, **batch, **options, **_batching(args)))
+    for (path, _), text in zip(inputs, captions):
+        if args.json:
+            _print_json({"input": path, "caption": text})
+        else:
+            print(f"{path}\t{text.translate(_LINE_ESCAPES)}")
 
 
 def _classify(args: argparse.Namespace) -> None:
-    groups = _group_by_modality(args.files)
+    inputs = _expand_inputs(args.files)
     labels = _read_labels(args.labels, args.labels_file)
-    model = _load_model(args.model)
-    tops = _run_grouped(args.files, groups, lambda inputs: model.classify(**inputs, labels=labels).top(args.top_k))
-    for path, top in zip(args.files, tops):
-        print("\t".join([path, *(f"{label} ({prob:.4f})" for label, prob in top)]))
+    model = _open_model(args)
+    from mmfm.pipelines import classify
+
+    tops = _run_grouped(inputs, lambda batch: classify(model, **batch, labels=labels, **_batching(args)).top(args.top))
+    for (path, _), top in zip(inputs, tops):
+        if args.json:
+            _print_json({"input": path, "label": top[0][0], "top": [{"label": c, "probability": p} for c, p in top]})
+        else:
+            print("\t".join([path, *(f"{label} ({prob:.4f})" for label, prob in top)]))
 
 
 def _embed(args: argparse.Namespace) -> None:
     if bool(args.text) == bool(args.files):
         raise InputError("embed takes either --text (one or more) or FILE arguments, not both and not neither")
-    inputs = args.text or args.files
-    groups = {"text": list(range(len(inputs)))} if args.text else _group_by_modality(args.files)
-    model = _load_model(args.model)
-    rows = _run_grouped(inputs, groups, lambda batch: model.embed(**batch))
+    inputs = [(text, "text") for text in args.text] if args.text else _expand_inputs(args.files)
+    model = _open_model(args)
+    import torch
+
+    from mmfm.pipelines import embed
+
+    rows = _run_grouped(inputs, lambda batch: list(embed(model, **batch, **_batching(args))))
     embeddings = torch.stack(rows).float().numpy()  # (N, E)
     if args.out is None:
-        for item, row in zip(inputs, embeddings.tolist()):
-            print(json.dumps({"input": item, "embedding": row}))
+        for (item, _), row in zip(inputs, embeddings.tolist()):
+            _print_json({"input": item, "embedding": row})
         return
+    import numpy as np
+
     try:
         with open(args.out, "wb") as f:
             np.save(f, embeddings)
     except OSError as e:
         raise InputError(f"--out {args.out}: cannot write the embeddings ({e.strerror})") from None
+    if args.json:
+        for i, (item, _) in enumerate(inputs):
+            _print_json({"input": item, "out": args.out, "row": i})
     print(f"mmfm: wrote {embeddings.shape[0]}x{embeddings.shape[1]} float32 embeddings to {args.out}", file=sys.stderr)
 
 
 def _generate(args: argparse.Namespace) -> None:
+    if args.command == "generate":
+        print("mmfm: warning: `mmfm generate` is deprecated; use `mmfm generate-image`", file=sys.stderr)
+    from PIL import Image
+
     out = Path(args.out)
     if out.suffix.lower() not in Image.registered_extensions():
         raise InputError(f"--out {args.out}: unknown image extension '{out.suffix}' (try .png)")
-    conditions = {"text": args.text, "audio": args.audio, "images": args.image}
-    model = _load_model(args.model)
-    images = model.generate_image(
-        **{k: v for k, v in conditions.items() if v},
+    if args.text:
+        conditions = {"text": args.text}
+    else:
+        modality = "audio" if args.audio else "image"
+        paths = [path for path, _ in _expand_inputs(args.audio or args.image, modalities=(modality,))]
+        conditions = {MEDIA[modality].argument: paths}
+    model = _open_model(args)
+    from mmfm.pipelines import generate_image, image_grid
+
+    images = generate_image(
+        model,
+        **conditions,
         num_images=args.num_images,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
         scheduler=args.scheduler,
         seed=args.seed,
+        batch_size=args.batch_size,
         progress=sys.stderr.isatty(),
     )
-    count = len(next(v for v in conditions.values() if v))
-    columns = args.num_images if count > 1 else math.ceil(math.sqrt(len(images)))
+    items = next(iter(conditions.values()))
+    columns = args.num_images if len(items) > 1 else math.ceil(math.sqrt(len(images)))
     picture = images[0] if len(images) == 1 else image_grid(images, columns)
     try:
         picture.save(out)
     except (OSError, ValueError) as e:
         raise InputError(f"--out {args.out}: cannot write the image ({e})") from None
+    if args.json:
+        for i, item in enumerate(items):
+            cells = [divmod(i * args.num_images + j, columns) for j in range(args.num_images)]
+            _print_json({"input": item, "out": args.out, "cells": cells, "cell_size": list(images[0].size)})
     what = "1 image" if len(images) == 1 else f"a grid of {len(images)} images"
     print(f"mmfm: wrote {what} to {args.out}", file=sys.stderr)
 
 
+def _no_dataset(args: argparse.Namespace) -> None:  # unreachable: argparse requires DATASET
+    raise InputError("mmfm data needs a DATASET")
+
+
 def _data_digits(args: argparse.Namespace) -> None:
+    from mmfm.data.digits import write_digits
+
     try:
         out = write_digits(args.out, seed=args.seed)
     except OSError as e:
@@ -438,11 +595,11 @@ def _data_digits(args: argparse.Namespace) -> None:
         print(f"{split:<5}  {count:>4} examples  {manifest}")
 
 
-# ---- helpers ----
-
-
 def _convert(args: argparse.Namespace) -> None:
+    import inspect
+
     from mmfm.convert import convert, get_converter, list_sources
+    from mmfm.loader import from_converted
 
     if args.source not in list_sources():
         raise InputError(f"--from {args.source}: unknown source (known: {', '.join(list_sources())})")
@@ -470,7 +627,8 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from mmfm.train.evaluate import evaluate_manifest
 
-    metrics, samples = evaluate_manifest(args.model, args.data, args.config, args.batch_size, args.samples)
+    model = _open_model(args, device=None, dtype=None)
+    metrics, samples = evaluate_manifest(args.model, args.data, args.config, args.batch_size, args.samples, model=model)
     for name, value in metrics.items():
         print(f"{name}: {value:.4f}")
     for line in samples:
@@ -479,54 +637,101 @@ def _eval(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(metrics, indent=2))
 
 
-def _is_checkpoint(spec: str) -> bool:
-    """Whether a NAME|DIR|YAML argument means a checkpoint directory: one that exists, or anything written as a path.
-
-    A path to a missing directory then fails as a missing checkpoint rather than as an unknown preset name.
-    """
-    path = Path(spec)
-    return path.is_dir() or (path.suffix not in YAML_EXTENSIONS and ("/" in spec or os.sep in spec))
+# ---- helpers ----
 
 
-def _load_model(spec: str) -> MultimodalModel:
-    """A saved checkpoint (`mmfm.load`), or a preset or YAML config with random weights (`mmfm.create_model`)."""
-    model, random = open_model(spec)
-    if not random:
-        return model
-    print(
-        f"mmfm: warning: '{spec}' builds a model with random weights, so its outputs mean nothing; "
-        "pass a directory written by save_pretrained for a trained model",
-        file=sys.stderr,
-    )
+_UNSET = object()
+
+
+def _open_model(args: argparse.Namespace, device: Any = _UNSET, dtype: Any = _UNSET) -> MultimodalModel:
+    """The model `--model` names on `--device` in `--dtype` (`mmfm.loader.open_model`); random weights warn."""
+    from mmfm.loader import open_model, parse_dtype
+
+    device = args.device if device is _UNSET else device
+    dtype = parse_dtype(args.dtype if dtype is _UNSET else dtype)  # a bad name fails before the model is built
+    if device is not None:
+        _check_device(device)
+    model, random = open_model(args.model, device=device, dtype=dtype)
+    if random:
+        print(
+            f"mmfm: warning: '{args.model}' builds a model with random weights, so its outputs mean nothing; "
+            "pass a checkpoint folder, a pretrained tag or hf-hub:org/name for a trained model",
+            file=sys.stderr,
+        )
     return model
 
 
-def _group_by_modality(files: Sequence[str]) -> dict[str, list[int]]:
-    """Positions of the image and of the audio files, keyed by the model API's argument name ("images", "audio")."""
-    groups: dict[str, list[int]] = {}
-    for i, path in enumerate(files):
-        suffix = Path(path).suffix.lower()
-        if suffix in IMAGE_EXTENSIONS:
-            groups.setdefault("images", []).append(i)
-        elif suffix in AUDIO_EXTENSIONS:
-            groups.setdefault("audio", []).append(i)
-        else:
+def _check_device(name: str) -> None:
+    """Refuses a --device torch cannot parse or this machine does not have, as one line, before anything loads."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise InputError(f"--device {name}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
             raise InputError(
-                f"{path}: unknown file type '{suffix}'; images: {' '.join(IMAGE_EXTENSIONS)}; "
-                f"audio: {' '.join(AUDIO_EXTENSIONS)}"
+                f"--device {name}: CUDA is not available (torch.cuda.is_available() is False: no GPU, or a "
+                "CPU-only torch; see the README's 'GPU and dtypes')"
             )
-    return groups
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name}: MPS is not available on this machine")
 
 
-def _run_grouped(
-    inputs: Sequence[Any], groups: dict[str, list[int]], run: Callable[[dict[str, list[Any]]], Sequence[T]]
-) -> list[T]:
-    """Calls `run` once per group as a batch (`run({"images": [...]})`) and returns its results in input order."""
+def _batching(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipelines' batch_size= and progress= (a bar on stderr, only when it is a terminal)."""
+    return {"batch_size": args.batch_size, "progress": sys.stderr.isatty()}
+
+
+def _expand_inputs(paths: Sequence[str], modalities: Sequence[str] = tuple(MEDIA)) -> list[tuple[str, str]]:
+    """(file, modality) of every input: files as given, folders walked recursively in sorted order.
+
+    In a folder, files whose extension no modality claims are skipped, as are hidden files and folders; a
+    file named directly must be of a known type, and a folder must hold at least one such file.
+    """
+    by_suffix = {ext: m for m in modalities for ext in MEDIA[m].extensions}
+    kinds = "; ".join(f"{MEDIA[m].argument}: {' '.join(MEDIA[m].extensions)}" for m in modalities)
+    found = []
+    for text in paths:
+        path = Path(text)
+        if path.is_dir():
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in by_suffix
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                and p.is_file()
+            )
+            if not files:
+                raise InputError(f"{text}: no files of a known type in this folder or below ({kinds})")
+            found += [(str(p), by_suffix[p.suffix.lower()]) for p in files]
+        elif not path.exists():
+            raise InputError(f"{text}: no such file or folder")
+        elif path.suffix.lower() not in by_suffix:
+            raise InputError(f"{text}: unknown file type '{path.suffix.lower()}'; {kinds}")
+        else:
+            found.append((text, by_suffix[path.suffix.lower()]))
+    return found
+
+
+def _run_grouped(inputs: Sequence[tuple[str, str]], run: Callable[[dict[str, list[str]]], Sequence[Any]]) -> list[Any]:
+    """Calls `run` once per modality (`run({"images": [...]})`, `run({"text": [...]})`); results in input order."""
+    groups: dict[str, list[int]] = {}
+    for i, (_, modality) in enumerate(inputs):
+        groups.setdefault(modality, []).append(i)
     results: list[Any] = [None] * len(inputs)
-    for key, positions in groups.items():
-        for i, result in zip(positions, run({key: [inputs[i] for i in positions]})):
+    for modality, positions in groups.items():
+        argument = MEDIA[modality].argument if modality in MEDIA else modality
+        for i, result in zip(positions, run({argument: [inputs[i][0] for i in positions]})):
             results[i] = result
     return results
+
+
+def _print_json(record: dict[str, Any]) -> None:
+    print(json.dumps(record, ensure_ascii=False))
 
 
 def _read_labels(labels: str | None, labels_file: str | None) -> list[str] | None:

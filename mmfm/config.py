@@ -115,6 +115,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 SchedulerName = Literal[tuple(SCHEDULERS)]
 # Items `caption`, `classify` and `embed` put through the model at once, unless told otherwise.
 DEFAULT_BATCH_SIZE = 32
+# Parameter dtypes by the names the CLI and `mmfm.load(dtype=)` take (`mmfm.loader.DTYPES` maps them to torch's).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 Fail = Callable[[str], None]  # raises ConfigError with the message, prefixed by the config's source
 
 

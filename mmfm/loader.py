@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from mmfm.checkpoint import CONFIG_NAME, load_weights, parameters_on_meta, read_weights, unique_state_dict
-from mmfm.config import ModelConfig
+from mmfm.config import DTYPE_NAMES, ModelConfig
 from mmfm.errors import CheckpointError, ConfigError, InputError
 from mmfm.model import MultimodalModel
 from mmfm.registry import get_config, read_config
@@ -30,7 +30,7 @@ from mmfm.registry import get_config, read_config
 HUB_PREFIX = "hf-hub:"
 # The preset that supplies what converted weights (one tower, say) do not bring, unless a tag or caller says.
 DEFAULT_BASE = "mmfm-base"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 YAML_SUFFIXES = (".yaml", ".yml")
 # State-dict keys of earlier mmfm releases -> today's (`upgrade_keys`).
 RENAMED_KEYS = {"encoders.text.embed.weight": "token_embedding.weight"}

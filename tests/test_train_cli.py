@@ -120,3 +120,11 @@ def test_paths_given_on_the_command_line_stay_relative_to_the_working_directory(
     assert (tiny_digits.parent / "out" / "final").is_dir()
     config = TrainConfig.from_file(recipe, {"data.train": "digits/train.jsonl", "out_dir": "out"})
     assert (config.data.train, config.out_dir) == ("digits/train.jsonl", "out")
+
+
+def test_eval_takes_a_preset_as_any_model_argument_and_warns_of_random_weights(tiny_digits, tmp_path, capsys):
+    # A preset has random weights: the metrics mean nothing, but the command runs as on a checkpoint.
+    assert main(["eval", "--model", "mmfm-test", "--data", str(tiny_digits / "val.jsonl")]) == 0
+    out, err = capsys.readouterr()
+    assert "random weights" in err
+    assert "val/image_caption/" in out and "val/digit/" not in out

@@ -102,16 +102,23 @@ def evaluate_manifest(
     recipe: str | Path | None = None,
     batch_size: int = 64,
     samples: int = 0,
+    *,
+    model: torch.nn.Module | None = None,
 ) -> tuple[dict[str, float], list[str]]:
-    """`mmfm eval`: loads a saved model and computes every task's metrics on a manifest.
+    """`mmfm eval`: computes every task's metrics of a model on a manifest.
 
     Tasks come from `recipe`, else from the run folder's `train_config.yaml` (found beside `RUN/final` or a
     checkpoint), else from the model's heads and the fields the manifest has. Returns the metrics and up
     to `samples` example outputs per caption and classification task, as printable lines.
+
+    Args:
+        model_dir: the saved model (`mmfm.load`), and where its run's recipe is looked for.
+        model: the model itself when the caller opened it already (a preset, a tag, ...); `model_dir` then
+            only names it, and a recipe is looked for beside it only when it is a path that exists.
     """
     from mmfm.loader import load
 
-    model = load(model_dir)
+    model = load(model_dir) if model is None else model
     dataset = ManifestDataset(manifest)
     tasks = _tasks_for(model, dataset, Path(model_dir), recipe)
     objectives = {t.name: build_objective(t, model) for t in tasks}
@@ -123,9 +130,8 @@ def evaluate_manifest(
 
 
 def _tasks_for(model, dataset: ManifestDataset, model_dir: Path, recipe) -> list[TaskConfig]:
-    for candidate in (
-        [Path(recipe)] if recipe else [model_dir.parent / RECIPE_NAME, model_dir.parent.parent / RECIPE_NAME]
-    ):
+    beside = [model_dir.parent / RECIPE_NAME, model_dir.parent.parent / RECIPE_NAME] if model_dir.exists() else []
+    for candidate in [Path(recipe)] if recipe else beside:
         if candidate.exists():
             data = yaml.safe_load(candidate.read_text()) or {}
             return [
