@@ -123,7 +123,7 @@ def ddp_samples_per_s(data: Path, root: Path, steps: int, nproc: int) -> float:
     """samples/s over the last `steps // 2` steps of a `mmfm train` run with `nproc` ranks."""
     out = root / f"ddp{nproc}"
     recipe = root / f"ddp{nproc}.yaml"
-    config = yaml.safe_load(RECIPE.read_text())
+    config = TrainConfig.from_file(RECIPE).to_dict()  # its relative paths resolved against configs/train/
     config.update(
         data={"train": str(data / "train.jsonl")},
         out_dir=str(out),

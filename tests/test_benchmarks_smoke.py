@@ -29,6 +29,7 @@ RATIOS = (
     "image_gen_sampling",
     "embed_rss",
     "build_vs_baseline",
+    "import_build_vs_baseline",
     "load_vs_baseline",
     "caption_vs_baseline",
     "build_caption_process_vs_baseline",
