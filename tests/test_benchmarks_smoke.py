@@ -36,6 +36,7 @@ RATIOS = (
     "embed_batch_speedup",
     "import_vs_torch",
     "help_vs_torch",
+    "model_import_vs_torch",
 )
 
 

@@ -26,10 +26,11 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from mmfm.config import MEDIA
 from mmfm.errors import InputError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
+IMAGE_EXTENSIONS = MEDIA["image"].extensions
+AUDIO_EXTENSIONS = MEDIA["audio"].extensions
 MANIFEST_KEYS = ("image", "audio", "text", "caption", "label", "id")
 
 # How many skipped lines the warning of on_error="skip" lists before "and N more".
