@@ -126,3 +126,26 @@ def test_parameter_counts_cover_every_parameter_once(trained):
     counts = trained.parameter_counts()
     assert counts["heads.caption"] == 0  # tied to the text embedding, counted there
     assert sum(counts.values()) == sum(p.numel() for p in trained.parameters())
+
+
+def test_every_pipeline_follows_the_models_dtype_and_batches_give_the_same_answers(trained):
+    model, rng = trained, np.random.default_rng(1)
+    images = [_image(COLOURS[n], rng) for n in ("red", "green", "blue", "red", "blue")]
+    clips = [(_tone(TONES[n], rng), 16000) for n in ("low", "high", "low")]
+    one_batch = model.classify(images=images).probs
+    torch.testing.assert_close(model.classify(images=images, batch_size=2).probs, one_batch)
+    assert model.caption(images=images, batch_size=2) == model.caption(images=images)
+    torch.testing.assert_close(model.embed(audio=clips, batch_size=1), model.embed(audio=clips), atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="batch_size must be a whole number >= 1, got 0"):
+        model.embed(images=images, batch_size=0)
+    with pytest.raises(InputError, match="images= is empty"):
+        model.embed(images=[])
+
+    half = mmfm.create_model("mmfm-test", classify={"labels": list(COLOURS)}).eval()
+    half.load_state_dict(model.state_dict())
+    half.to(torch.bfloat16)
+    assert half.caption(images=images[:2], max_new_tokens=4) and len(half.caption(images=images[:2])) == 2
+    assert half.classify(images=images).labels == model.classify(images=images).labels
+    assert half.classify(audio=clips, labels=list(TONES)).probs.shape == (3, 2)
+    assert half.embed(text=["a red square"]).dtype == torch.bfloat16
+    assert half.generate_image(text=["red"], num_inference_steps=2)[0].size == (16, 16)
