@@ -25,7 +25,21 @@ from mmfm.checkpoint import CONFIG_NAME, load_weights, parameters_on_meta, read_
 from mmfm.config import DTYPE_NAMES, ModelConfig
 from mmfm.errors import CheckpointError, ConfigError, InputError
 from mmfm.model import MultimodalModel
+from mmfm.pretrained import download_hub, fetch, get_pretrained, is_pretrained_tag
 from mmfm.registry import get_config, read_config
+
+__all__ = [
+    "DTYPES",
+    "HUB_PREFIX",
+    "build_from_weights",
+    "create_model",
+    "for_finetuning",
+    "from_converted",
+    "load",
+    "open_model",
+    "parse_dtype",
+    "upgrade_keys",
+]
 
 HUB_PREFIX = "hf-hub:"
 # The preset that supplies what converted weights (one tower, say) do not bring, unless a tag or caller says.
@@ -80,8 +94,6 @@ def load(
     Raises:
         CheckpointError: naming the input and what was wrong with it.
     """
-    from mmfm.pretrained import download_hub, fetch, get_pretrained, is_pretrained_tag
-
     text = str(spec)
     dtype = parse_dtype(dtype)
     if text.startswith(HUB_PREFIX):
@@ -114,8 +126,6 @@ def open_model(
         The model in eval mode, and whether its weights are random (an architecture, not a checkpoint).
     """
     text = str(spec)
-    from mmfm.pretrained import is_pretrained_tag
-
     architecture = Path(spec).suffix in YAML_SUFFIXES or not (
         Path(spec).exists() or text.startswith(HUB_PREFIX) or is_pretrained_tag(text) or "/" in text
     )
@@ -275,17 +285,3 @@ def _read_config(path: Path) -> ModelConfig:
         return read_config(path)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-
-
-__all__ = [
-    "DTYPES",
-    "HUB_PREFIX",
-    "build_from_weights",
-    "create_model",
-    "for_finetuning",
-    "from_converted",
-    "load",
-    "open_model",
-    "parse_dtype",
-    "upgrade_keys",
-]

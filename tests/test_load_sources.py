@@ -6,6 +6,7 @@ import pickle
 import re
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,14 +305,16 @@ def test_hub_ids_come_from_the_cache_offline_and_fail_clearly_otherwise(saved, t
 
 @pytest.mark.parametrize("spec", ["mmfm-org/tiny", "runs/final", "./runs/final"])
 def test_only_the_hf_hub_prefix_reaches_the_hub(spec, monkeypatch):
-    import mmfm.pretrained
+    import mmfm.loader
 
-    def no_hub(*args, **kwargs):
-        raise AssertionError(f"{spec} was sent to the hub")
-
-    monkeypatch.setattr(mmfm.pretrained, "download_hub", no_hub)
+    asked = []
+    monkeypatch.setattr(mmfm.loader, "download_hub", lambda repo_id, **kwargs: asked.append(repo_id) or Path("/absent"))
     with pytest.raises(CheckpointError, match=rf"{re.escape(spec)}: no such checkpoint directory.*'hf-hub:org/name'"):
         mmfm.load(spec)
+    assert asked == []
+    with pytest.raises(CheckpointError):
+        mmfm.load(f"hf-hub:{spec}")
+    assert asked == [spec]  # the same name with the prefix does go to the hub
 
 
 # ---- mmfm convert ----
