@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +81,17 @@ BAD = [
     ({"audio": "clips/missing.wav"}, "audio 'clips/missing.wav' not found"),
     ({"image": "imgs"}, "image 'imgs' is not a file"),
     ({"label": "cat"}, "has no image, audio, text or caption"),
+    # what the collator's tokenizer would trip on mid-training is caught here, with file:line
+    ({"image": "imgs/a.png", "caption": "\ud800"}, "caption holds a lone surrogate U+D800 at character 0"),
+    ({"image": "imgs/a.png", "caption": ["ok", "a\udfffb"]}, "caption[1] holds a lone surrogate U+DFFF at character 1"),
+    ({"text": "x\udc00"}, "text holds a lone surrogate U+DC00"),
+    ({"image": "imgs/a.png", "label": "\ud83d"}, "label holds a lone surrogate U+D83D"),
+    ({"image": "imgs/a.png", "id": "\ud800"}, "id holds a lone surrogate"),
+    ({"image": "imgs/\ud800.png"}, "image holds a lone surrogate"),
+    ({"image": "x" * 5000}, "(5000 characters) is not a usable path (File name too long)"),  # named, cut short
+    ({"image": "/dev/null"}, "image '/dev/null' is not a file"),
+    ("[" * 100_000, "nested too deeply"),
+    ('{"caption": ' + "[" * 50_000 + "]" * 50_000 + "}", "nested too deeply"),
 ]
 
 
@@ -134,3 +148,78 @@ def test_image_folder_gives_sorted_classes_and_skips_non_images(tmp_path):
     ]
     with pytest.raises(InputError, match="no images found"):
         ImageFolderDataset(tmp_path / "empty")
+
+
+def test_line_separators_inside_json_strings_are_not_line_breaks(root):
+    # json.dumps(ensure_ascii=False) writes U+2028, U+2029, U+0085 (and U+001C..U+001E escaped) as they are:
+    # valid JSON, and only "\n" separates JSON lines.
+    captions = ["two\u2028lines", "next\u0085line", "para\u2029graph", "form\x0cfeed"]
+    lines = [{"image": "imgs/a.png", "caption": c} for c in captions] + [{"text": "last\u2028one", "id": "\u2028"}]
+    manifest = root / "m.jsonl"
+    manifest.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    assert len(manifest.read_text(encoding="utf-8").splitlines()) > len(lines)  # what str.splitlines would do
+    for on_error in ("raise", "skip"):
+        ds = ManifestDataset(manifest, on_error=on_error)
+        assert ds.skipped == []
+        assert [ds[i].get("caption") for i in range(4)] == captions
+        assert ds[4]["text"] == "last\u2028one" and ds[4]["id"] == "\u2028"
+
+
+def test_windows_line_ends_still_work(root):
+    manifest = root / "m.jsonl"
+    manifest.write_bytes(b"".join(json.dumps(x).encode() + b"\r\n" for x in GOOD) + b"\r\n")
+    assert [ManifestDataset(manifest)[i].get("label") for i in range(3)] == ["cat", None, "7"]
+
+
+def test_a_deeply_nested_line_is_one_bad_line_even_when_skipping(root):
+    nested = '{"caption": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    manifest = write_manifest(root / "m.jsonl", [GOOD[0], nested, GOOD[1], "[" * 200_000])
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match="skipped 2 bad lines"):
+        ds = ManifestDataset(manifest, on_error="skip")
+    assert [line for line, _ in ds.skipped] == [2, 4] and len(ds) == 2
+    assert all("nested too deeply" in reason for _, reason in ds.skipped)
+    with pytest.raises(InputError, match=rf"^{re.escape(str(manifest))}:2: invalid JSON: .*nested too deeply"):
+        ManifestDataset(manifest)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_lone_surrogate_is_refused_before_the_collator_sees_it(root):
+    manifest = root / "m.jsonl"
+    manifest.write_text(
+        '{"image": "imgs/a.png", "caption": "fine"}\n{"image": "imgs/b.png", "caption": "bad \\ud800"}\n'
+    )
+    with pytest.raises(InputError, match=rf"^{re.escape(str(manifest))}:2: caption holds a lone surrogate U\+D800"):
+        ManifestDataset(manifest)
+    with pytest.warns(UserWarning, match="line 2: caption holds a lone surrogate"):
+        ds = ManifestDataset(manifest, on_error="skip")
+    assert len(ds) == 1
+
+
+def test_a_manifest_that_is_not_a_regular_file_is_refused_without_reading_it(root):
+    with pytest.raises(InputError, match=rf"{re.escape(str(root))}: the manifest is not a regular file"):
+        ManifestDataset(root)
+    fifo = root / "pipe.jsonl"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def build() -> None:
+        try:
+            ManifestDataset(fifo)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            outcome.append(e)
+
+    thread = threading.Thread(target=build, daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    if thread.is_alive():  # a blocked reader: give it a writer so the thread ends, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(timeout=10)
+        pytest.fail("reading a FIFO manifest waited for a writer")
+    assert isinstance(outcome[0], InputError) and "not a regular file" in str(outcome[0])
+    with pytest.raises(InputError, match="cannot read the manifest"):
+        ManifestDataset("m" * 5000 + ".jsonl")
+    (root / "latin1.jsonl").write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(InputError, match="latin1.jsonl: cannot read the manifest .*utf-8"):
+        ManifestDataset(root / "latin1.jsonl")

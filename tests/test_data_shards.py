@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import struct
+import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -103,3 +108,54 @@ def test_bad_patterns_and_missing_shards_are_named(dataset, tmp_path):
         write_shards(dataset, tmp_path / "train.tar")
     with pytest.raises(InputError, match="shard '.*missing-0.tar' not found"):
         ShardDataset(str(tmp_path / "missing-{0..1}.tar"))
+
+
+def write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    """A shard written by hand, as another tool (or an older mmfm) might have written it."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_shard_caption_string_is_one_caption_and_an_int_label_is_a_str_as_in_a_manifest(tmp_path):
+    meta = {"index": 0, "caption": "a seven", "label": 7, "text": "words"}
+    shard = write_tar(tmp_path / "s.tar", {"00000000.json": json.dumps(meta).encode()})
+    (tmp_path / "m.jsonl").write_text(json.dumps({k: v for k, v in meta.items() if k != "index"}) + "\n")
+    expected = ManifestDataset(tmp_path / "m.jsonl")[0]
+    (item,) = list(ShardDataset(shard))
+    assert item["caption"] == "a seven" and item["captions"] == ["a seven"]  # not 'a', ' ', 's', ...
+    assert item["label"] == "7"
+    assert item == expected
+
+
+@pytest.mark.parametrize(
+    "meta,problem",
+    [
+        (b'{"index": 0, "caption": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"index": 0, "caption": "bad \\ud800"}', "caption holds a lone surrogate U+D800"),
+        (b'{"index": 0, "caption": []}', "caption is an empty list"),
+        (b'{"index": 0, "label": 1.5, "caption": "x"}', "label must be a string or an int, got the number 1.5"),
+        (b'{"index": true, "caption": "x"}', "no integer 'index'"),
+        (b'{"index": 0, "caption": "caf\xe9"}', "not UTF-8"),
+    ],
+    ids=["nested", "surrogate", "empty captions", "float label", "bool index", "latin-1"],
+)
+def test_a_bad_json_member_is_an_input_error_naming_the_shard_and_example(tmp_path, meta, problem):
+    shard = write_tar(tmp_path / "s.tar", {"00000000.json": meta})
+    with pytest.raises(InputError, match=rf"s\.tar: example 00000000: .*{re.escape(problem)}"):
+        list(ShardDataset(shard))
+
+
+def test_a_decompression_bomb_in_a_shard_is_an_input_error(tmp_path):
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30_000, 30_000, 1, 0, 0, 0, 0)  # a 900 M pixel bilevel PNG, pixels left out
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    members = {"00000000.json": b'{"index": 0, "caption": "x"}', "00000000.png": png}
+    shard = write_tar(tmp_path / "s.tar", members)
+    with pytest.raises(InputError, match=r"s\.tar: example 00000000: not a readable image"):
+        list(ShardDataset(shard))

@@ -20,6 +20,8 @@ rather than hours into it.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -61,12 +63,7 @@ class ManifestDataset(Dataset):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.path = Path(path)
         self.skipped: list[tuple[int, str]] = []
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise InputError(f"{self.path}: manifest not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"{self.path}: cannot read the manifest ({e})") from None
+        lines = read_lines(self.path)
         root = self.path.parent
         self._records: list[dict[str, Any]] = []
         for line_no, line in enumerate(lines, start=1):
@@ -160,6 +157,35 @@ class ImageFolderDataset(Dataset):
         return list(self.classes)
 
 
+def read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 manifest file, split on "\\n" only.
+
+    JSON Lines separates records by "\\n" alone: U+2028, U+2029, U+0085 and the other characters `str.splitlines`
+    also breaks on are valid inside a JSON string (`json.dumps(..., ensure_ascii=False)` writes them as they are),
+    so splitting on them would cut a good line in two. A "\\r" before the "\\n" (Windows line ends) is dropped.
+
+    Raises:
+        InputError: the file is missing, not a regular file (a folder, a device, a FIFO), unreadable or not UTF-8.
+    """
+    try:
+        # Non-blocking, so that a FIFO is refused below instead of waiting for a writer; no effect on files.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise InputError(f"{path}: manifest not found") from None
+    except (OSError, ValueError) as e:  # a folder on some systems, no permission, a name too long, a NUL byte
+        raise InputError(f"{path}: cannot read the manifest ({e})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"{path}: the manifest is not a regular file (a folder, a device or a pipe?)")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            text = f.read().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: cannot read the manifest ({e})") from None
+    lines = text.split("\n")
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def parse_record(line: str, root: Path) -> dict[str, Any]:
     """Validates one manifest line; media paths become absolute and must exist, a caption becomes a list.
 
@@ -170,12 +196,7 @@ def parse_record(line: str, root: Path) -> dict[str, Any]:
     Raises:
         InputError: the problem, without the line number (the caller adds `file:line`).
     """
-    try:
-        data = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"expected a JSON object, got {_json_type(data)}")
+    data = parse_json_object(line)
     unknown = [k for k in data if k not in MANIFEST_KEYS]
     if unknown:
         raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(MANIFEST_KEYS)})")
@@ -185,10 +206,49 @@ def parse_record(line: str, root: Path) -> dict[str, Any]:
             value = data[key]
             if not isinstance(value, str) or not value:
                 raise InputError(f"{key} must be a non-empty path string, got {_json_type(value)}")
+            _check_unicode(value, key)
             path = root / value
-            if not path.is_file():
-                raise InputError(f"{key} {value!r} {'is not a file' if path.exists() else 'not found'}")
+            try:
+                is_file, exists = path.is_file(), path.exists()
+            except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+                raise InputError(f"{key} {_shown(value)} is not a usable path ({_os_reason(e)})") from None
+            if not is_file:
+                raise InputError(f"{key} {_shown(value)} {'is not a file' if exists else 'not found'}")
             record[key] = str(path.resolve())
+    record.update(parse_fields(data))
+    if not any(k in record for k in ("image", "audio", "text", "caption")):
+        raise InputError("the example has no image, audio, text or caption")
+    return record
+
+
+def parse_json_object(text: str | bytes) -> dict[str, Any]:
+    """The JSON object one manifest line (or shard member) holds.
+
+    Raises:
+        InputError: the text is not JSON, is nested deeper than the parser's recursion limit, or is not an object.
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError("invalid JSON: arrays or objects nested too deeply to read") from None
+    except UnicodeDecodeError as e:  # bytes that are not UTF-8
+        raise InputError(f"invalid JSON: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"expected a JSON object, got {_json_type(data)}")
+    return data
+
+
+def parse_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The validated `text`, `caption` (always a list), `label` (always a str) and `id` of a JSON object.
+
+    Other keys are ignored: media are checked by the caller, which knows where they live.
+
+    Raises:
+        InputError: a field has the wrong type, is empty, or holds text that is not valid Unicode.
+    """
+    record: dict[str, Any] = {}
     if "text" in data:
         record["text"] = _nonempty_str(data["text"], "text")
     if "caption" in data:
@@ -207,9 +267,9 @@ def parse_record(line: str, root: Path) -> dict[str, Any]:
     if "id" in data:
         if isinstance(data["id"], bool) or not isinstance(data["id"], (str, int)):
             raise InputError(f"id must be a string or an int, got {_json_type(data['id'])}")
+        if isinstance(data["id"], str):
+            _check_unicode(data["id"], "id")
         record["id"] = data["id"]
-    if not any(k in record for k in ("image", "audio", "text", "caption")):
-        raise InputError("the example has no image, audio, text or caption")
     return record
 
 
@@ -245,7 +305,29 @@ def _nonempty_str(value: Any, name: str, expected: str = "a string") -> str:
         raise InputError(f"{name} must be {expected}, got {_json_type(value)}")
     if not value:
         raise InputError(f"{name} is an empty string")
+    _check_unicode(value, name)
     return value
+
+
+def _check_unicode(value: str, name: str) -> None:
+    """Refuses text that cannot be encoded (a lone surrogate from an unpaired "\\ud800" escape in the JSON)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(value[e.start])
+        raise InputError(
+            f"{name} holds a lone surrogate U+{code:04X} at character {e.start}, which is not valid Unicode text "
+            "(an unpaired \\uD800-\\uDFFF escape in the JSON?)"
+        ) from None
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """A path from the manifest as an error quotes it: repr'd, and cut short when long."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def _os_reason(e: Exception) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
 
 
 def _json_type(value: Any) -> str:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmfm.data.manifest import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, make_item
+from mmfm.data.manifest import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, make_item, parse_fields, parse_json_object
 from mmfm.data.sampler import mix_seed
 from mmfm.errors import InputError
 
@@ -165,14 +165,14 @@ class ShardDataset(IterableDataset):
         if "json" not in sample:
             raise InputError(f"{where}: has no .json member (shards are written by mmfm.data.write_shards)")
         try:
-            meta = json.loads(sample["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{where}: the .json member is not valid JSON ({e})") from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("index"), int):
+            meta = parse_json_object(sample["json"])
+            # The same checks as a manifest line: a caption string is one caption, an int label becomes its str.
+            record = parse_fields(meta)
+        except InputError as e:
+            raise InputError(f"{where}: the .json member: {e}") from None
+        index = meta.get("index")
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             raise InputError(f"{where}: the .json member has no integer 'index' (shards are written by write_shards)")
-        record = {k: meta[k] for k in ("text", "label", "id") if k in meta}
-        if "caption" in meta:
-            record["caption"] = meta["caption"]
         for name, data in sample.items():
             if name.startswith("__") or name == "json":
                 continue
@@ -181,7 +181,7 @@ class ShardDataset(IterableDataset):
                 record["image"] = _decode_image(data, where)
             elif suffix in AUDIO_EXTENSIONS:
                 record["audio"] = _decode_audio(data, where)
-        return make_item(meta["index"], record, mix_seed(self.seed, self.epoch, meta["index"]))
+        return make_item(index, record, mix_seed(self.seed, self.epoch, index))
 
 
 def _to_sample(item: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +212,7 @@ def _decode_image(data: bytes, where: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"{where}: not a readable image ({e})") from None
     return image
 
