@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from mmfm.config import MEDIA_MODALITIES, build_dataclass
 from mmfm.data import Batch, Collator, EpochSampler, ManifestDataset
-from mmfm.errors import ConfigError
+from mmfm.errors import ConfigError, InputError
 from mmfm.heads.caption import CaptionObjective
 from mmfm.heads.classify import ClassifyObjective
 from mmfm.heads.contrastive import ContrastiveObjective
@@ -32,9 +34,29 @@ from mmfm.train.objectives import build_objective
 RECIPE_NAME = "train_config.yaml"  # what `mmfm train` writes into the run folder
 
 
+def evaluate(
+    model, objectives: dict[str, Objective], loader: DataLoader, max_new_tokens: int = 32, seed: int | None = 0
+) -> dict[str, float]:
+    """Runs every objective's metrics over the loader's batches; returns {"val/<task>/<metric>": value}.
+
+    Objectives that draw random numbers (the diffusion noise and timesteps of image_gen) draw them from torch's
+    RNG seeded with `seed`, inside `torch.random.fork_rng`: the same model and data give the same metrics every
+    time, and the caller's RNG stream (a training run's) is left as it was. `seed=None` uses the RNG as it is.
+    """
+    if seed is None:
+        return _evaluate(model, objectives, loader, max_new_tokens)
+    device = torch.device(model.device)
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        return _evaluate(model, objectives, loader, max_new_tokens)
+
+
 @torch.no_grad()
-def evaluate(model, objectives: dict[str, Objective], loader: DataLoader, max_new_tokens: int = 32) -> dict[str, float]:
-    """Runs every objective's metrics over the loader's batches; returns {"val/<task>/<metric>": value}."""
+def _evaluate(model, objectives: dict[str, Objective], loader: DataLoader, max_new_tokens: int) -> dict[str, float]:
     was_training = model.training
     model.eval()
     sums: dict[str, float] = defaultdict(float)
@@ -104,6 +126,8 @@ def evaluate_manifest(
     samples: int = 0,
     *,
     model: torch.nn.Module | None = None,
+    out: str | Path | None = None,
+    seed: int = 0,
 ) -> tuple[dict[str, float], list[str]]:
     """`mmfm eval`: computes every task's metrics of a model on a manifest.
 
@@ -115,9 +139,18 @@ def evaluate_manifest(
         model_dir: the saved model (`mmfm.load`), and where its run's recipe is looked for.
         model: the model itself when the caller opened it already (a preset, a tag, ...); `model_dir` then
             only names it, and a recipe is looked for beside it only when it is a path that exists.
+        out: also write the metrics there as JSON. Checked before anything is computed (its folder is
+            created; a folder in its place or an unwritable folder is an error), then written atomically, so
+            metrics are never lost to a bad path and an earlier file is never left half-written.
+        seed: seeds the random draws of the objectives that make them (`evaluate`): the same model and
+            manifest give the same metrics every time.
+
+    Raises:
+        InputError: `out` cannot be written.
     """
     from mmfm.loader import load
 
+    out_path = prepare_output(out) if out is not None else None
     model = load(model_dir) if model is None else model
     dataset = ManifestDataset(manifest)
     tasks = _tasks_for(model, dataset, Path(model_dir), recipe)
@@ -125,8 +158,44 @@ def evaluate_manifest(
     collate = Collator.from_model(model)
     sampler = EpochSampler(len(dataset), seed=0, shuffle=False)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
-    metrics = evaluate(model, objectives, loader)
+    metrics = evaluate(model, objectives, loader, seed=seed)
+    if out_path is not None:
+        write_json_atomically(out_path, metrics)
     return metrics, _samples(model, objectives, dataset, collate, samples) if samples else []
+
+
+def prepare_output(out: str | Path) -> Path:
+    """The path `out` as a file that can be written: its folder is created, what stands in its way refused.
+
+    Raises:
+        InputError: `out` is a folder (or not a regular file), a file stands where a folder of its path
+            should be, or the folder cannot be written; the message names `out`.
+    """
+    path = Path(out)
+    where = f"out {out}"
+    try:
+        if path.is_dir() or (path.exists() and not path.is_file()):
+            raise InputError(f"{where}: is {'a folder' if path.is_dir() else 'not a regular file'}; name a file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except InputError:
+        raise
+    except (OSError, ValueError) as e:  # a file in place of a folder, no permission, a name too long, a NUL
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise InputError(f"{where}: cannot create its folder {path.parent} ({reason})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{where}: cannot write there (permission denied)")
+    return path
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    """Writes `data` as JSON to a temporary file beside `path`, then renames it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"out {path}: cannot write the metrics ({e.strerror or e})") from None
 
 
 def _tasks_for(model, dataset: ManifestDataset, model_dir: Path, recipe) -> list[TaskConfig]:

@@ -11,6 +11,7 @@ data position, so on CPU a resumed run reproduces the uninterrupted run's losses
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from pathlib import Path
@@ -23,18 +24,18 @@ from tqdm import tqdm
 
 from mmfm.checkpoint import load_weights, read_weights
 from mmfm.data import Collator, EpochSampler, ManifestDataset, cache_media
-from mmfm.errors import ConfigError, MMFMError
+from mmfm.errors import CheckpointError, ConfigError, MMFMError
 from mmfm.loader import create_model, for_finetuning, upgrade_keys
 from mmfm.model import MultimodalModel
 from mmfm.train import distributed as D
-from mmfm.train.checkpointing import list_checkpoints, load_trainer_state, save_checkpoint
+from mmfm.train.checkpointing import STATE_NAME, list_checkpoints, load_trainer_state, save_checkpoint
 from mmfm.train.config import TrainConfig
 from mmfm.train.evaluate import evaluate
 from mmfm.train.finetune import apply_lora, freeze, merge_lora, save_adapter
 from mmfm.train.mixer import TaskMixer
 from mmfm.train.objectives import Objective, build_objective
 from mmfm.train.optim import build_optimizer, warmup_cosine
-from mmfm.train.run_log import RunLog
+from mmfm.train.run_log import CURVES_NAME, METRICS_NAME, RunLog
 
 FINAL_NAME = "final"
 
@@ -76,7 +77,9 @@ class Trainer:
         self.config = config
         self.env = env or D.DistEnv()
         self.run_dir = Path(config.out_dir)
-        if list_checkpoints(self.run_dir) and not config.resume:
+        check_run_dir(self.run_dir)
+        checkpoints = list_checkpoints(self.run_dir)
+        if checkpoints and not config.resume:
             raise ConfigError(
                 f"{self.run_dir} already holds checkpoints of a run; pass resume=true to continue it, "
                 "or choose another out_dir"
@@ -87,6 +90,15 @@ class Trainer:
                 f"batch_size ({config.batch_size}) must be divisible by grad_accum ({accum}) x ranks ({world})"
             )
         self.micro_batch = config.batch_size // (accum * world)
+        # Read and checked before anything is built, so that a run that cannot resume fails in a second.
+        resume_from = checkpoints[-1] if config.resume and checkpoints else None
+        state = load_trainer_state(resume_from) if resume_from is not None else None
+        if state is not None and state["step"] > config.steps:
+            raise ConfigError(
+                f"cannot resume {self.run_dir} with steps={config.steps}: its latest checkpoint ({resume_from.name}) "
+                f"is already at step {state['step']}. Pass steps={state['step']} or more to continue the run, or "
+                f"train a new run from that checkpoint's weights (model={resume_from}) in another out_dir"
+            )
 
         torch.manual_seed(config.seed)
         self.model, self.init_notes = model_for_training(config)
@@ -104,8 +116,8 @@ class Trainer:
                 module.compile()
 
         self.start_step, self.epoch, self.epoch_batches = 0, 0, 0
-        resume_from = list_checkpoints(self.run_dir)[-1] if config.resume and list_checkpoints(self.run_dir) else None
-        if resume_from is not None:
+        if state is not None:
+            self._check_resumable(state, resume_from)
             load_weights(self.model, upgrade_keys(read_weights(resume_from)), str(resume_from))
         self.losses = D.wrap(
             TaskLosses(self.model, self.objectives), self.model.backbone.blocks, config.distributed, self.env
@@ -114,8 +126,8 @@ class Trainer:
         self.scheduler = warmup_cosine(self.optimizer, config.optim, config.steps)
         self.mixer = TaskMixer(config.tasks, config.seed, config.mixing)
         torch.manual_seed(config.seed + 1 + self.env.rank)  # dropout and diffusion noise: one stream per rank
-        if resume_from is not None:
-            self._restore(load_trainer_state(resume_from))
+        if state is not None:
+            self._restore(state, resume_from)
 
         self.sampler = EpochSampler(
             len(self.train_set), seed=config.seed, shuffle=True, rank=self.env.rank, world_size=self.env.world_size
@@ -165,20 +177,69 @@ class Trainer:
             val = cache_media(val, model.processors) if val is not None else None
         return train, val
 
-    def _restore(self, state: dict) -> None:
-        self.start_step, self.epoch, self.epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
-        if self.env.enabled and self.config.distributed == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    def _check_resumable(self, state: dict, checkpoint: Path) -> None:
+        """Refuses a resume whose data would not continue where the checkpoint stopped; converts the position.
 
-            options = StateDictOptions(full_state_dict=True)
-            set_optimizer_state_dict(self.losses, self.optimizer, state["optimizer"], options=options)
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.mixer.load_state_dict(state["mixer"])
-        rng = state["rng"]
-        if len(rng) == self.env.world_size:
-            torch.set_rng_state(rng[self.env.rank])
+        The checkpoint records the global batch size and the number of training examples: another batch size
+        changes what a step is (and the schedule counted in steps), another manifest size makes the epoch's
+        order and position mean nothing. Another grad_accum or number of ranks with the same batch size is
+        fine when the examples already consumed this epoch fill whole micro-batches of the new layout.
+        """
+        config, world = self.config, self.env.world_size
+        restart = (
+            f"Resume with the recipe the run was started with, or train a new run from the checkpoint's weights "
+            f"(model={checkpoint}) in another out_dir"
+        )
+        saved = state.get("data")
+        if isinstance(saved, dict):
+            if saved.get("batch_size") != config.batch_size:
+                raise ConfigError(
+                    f"cannot resume {self.run_dir}: it was trained with batch_size={saved.get('batch_size')}, "
+                    f"this run asks for batch_size={config.batch_size}. {restart}"
+                )
+            if saved.get("train_examples") != len(self.train_set):
+                raise ConfigError(
+                    f"cannot resume {self.run_dir}: it was trained on {saved.get('train_examples')} examples, "
+                    f"data.train ({config.data.train}) now has {len(self.train_set)}; the epoch it stopped in "
+                    f"cannot be continued on other data. {restart}"
+                )
+            consumed = state["epoch_batches"] * saved["micro_batch"] * saved["world_size"]
+            batches, rest = divmod(consumed, self.micro_batch * world)
+            if rest:
+                raise ConfigError(
+                    f"cannot resume {self.run_dir} with grad_accum={config.grad_accum} on {world} rank(s): the "
+                    f"{consumed} examples its epoch consumed do not fill whole micro-batches of "
+                    f"{self.micro_batch} per rank; resume with grad_accum={saved.get('grad_accum')} on "
+                    f"{saved['world_size']} rank(s)"
+                )
+            state["epoch_batches"] = batches
+        if state["epoch_batches"] * self.micro_batch > len(self.train_set) // world:
+            raise ConfigError(
+                f"cannot resume {self.run_dir}: its checkpoint stopped {state['epoch_batches']} micro-batches of "
+                f"{self.micro_batch} into an epoch of data.train ({config.data.train}), which has only "
+                f"{len(self.train_set)} examples; was the manifest or the batch size changed? {restart}"
+            )
+
+    def _restore(self, state: dict, checkpoint: Path) -> None:
+        self.start_step, self.epoch, self.epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
+        try:
+            if self.env.enabled and self.config.distributed == "fsdp":
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                options = StateDictOptions(full_state_dict=True)
+                set_optimizer_state_dict(self.losses, self.optimizer, state["optimizer"], options=options)
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.mixer.load_state_dict(state["mixer"])
+            rng = state["rng"]
+            if len(rng) == self.env.world_size:
+                torch.set_rng_state(rng[self.env.rank])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{checkpoint / STATE_NAME}: the trainer state does not fit this run ({type(e).__name__}: {e}); "
+                "were the tasks, frozen groups or LoRA settings changed since it was written?"
+            ) from None
 
     # ---- the loop ----
 
@@ -293,6 +354,14 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "mixer": self.mixer.state_dict(),
             "rng": D.gather_objects(torch.get_rng_state(), self.env),
+            # what a resume checks its data against (Trainer._check_resumable)
+            "data": {
+                "batch_size": self.config.batch_size,
+                "grad_accum": self.config.grad_accum,
+                "micro_batch": self.micro_batch,
+                "world_size": self.env.world_size,
+                "train_examples": len(self.train_set),
+            },
         }
         if self.env.is_main:
             save_checkpoint(self.run_dir, step, model, state, self.config.keep_last)
@@ -375,6 +444,45 @@ class Interrupted(MMFMError):
             "(continue with resume=true)"
         )
         self.exit_code = 128 + signum
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuses an out_dir training could not write, before anything is built or trained.
+
+    Raises:
+        ConfigError: out_dir (or a folder above it) is a file, a folder above it cannot be written, or one of
+            the run's own entries has the wrong kind (a file named `checkpoints`, a folder named `metrics.csv`).
+    """
+    where = f"out_dir {run_dir}"
+    kind = _kind(run_dir, where)
+    if kind == "file":
+        raise ConfigError(f"{where}: is a file, not a folder; choose another out_dir")
+    ancestor = run_dir.absolute()
+    while kind == "missing":
+        ancestor = ancestor.parent
+        kind = _kind(ancestor, where)
+    if kind == "file":
+        raise ConfigError(f"{where}: {ancestor} is a file, so the run folder cannot be created there")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: cannot write in {ancestor} (permission denied)")
+    for name, wanted in (
+        ("checkpoints", "folder"),
+        (FINAL_NAME, "folder"),
+        (METRICS_NAME, "file"),
+        (CURVES_NAME, "file"),
+    ):
+        found = _kind(run_dir / name, where)
+        if found not in ("missing", wanted):
+            raise ConfigError(f"{where}: {run_dir / name} is a {found}; the run writes its {name} there as a {wanted}")
+
+
+def _kind(path: Path, where: str) -> str:
+    """The kind of `path`: "missing", "folder" or "file" (anything else that exists); a bad name is a ConfigError."""
+    try:
+        return "folder" if path.is_dir() else "file" if path.exists() else "missing"
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte, a loop of links
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ConfigError(f"{where}: not a usable folder name ({reason})") from None
 
 
 def train(config: TrainConfig) -> Path:
