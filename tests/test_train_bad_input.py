@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import mmfm
+from mmfm.cli import main
 from mmfm.data import ManifestDataset
 from mmfm.errors import CheckpointError, ConfigError, InputError
 from mmfm.train import TrainConfig, train
@@ -223,3 +224,32 @@ def test_eval_out_in_a_missing_folder_is_created_and_a_bad_out_fails_before_comp
             evaluate_manifest(model_dir, manifest, recipe, model=model, out=bad)
         assert time.perf_counter() - start < 1
     assert blocker.read_text() == "keep me"
+
+
+def test_the_command_line_reports_each_as_one_error_line(tiny_digits, run, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_for(tiny_digits, run)))
+    state_file = list_checkpoints(run)[-1] / STATE_NAME
+    cases = [
+        (["resume=true", "steps=2"], "already at step 4"),
+        (["resume=true", "batch_size=16", "steps=6"], "trained with batch_size=8"),
+        ([f"out_dir={recipe}"], "is a file, not a folder"),
+    ]
+    for overrides, problem in cases:
+        assert main(["train", str(recipe), *overrides]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mmfm: error: ") and problem in err and len(err.strip().splitlines()) == 1, err
+    torch.save({"step": 4}, state_file)
+    assert main(["train", str(recipe), "resume=true", "steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mmfm: error: {state_file}: incomplete trainer state") and "Traceback" not in err
+
+
+def test_mmfm_eval_prints_the_same_metrics_twice(gen_model, tiny_digits, capsys):
+    model_dir, recipe = gen_model
+    args = ["eval", "--model", str(model_dir), "--data", str(tiny_digits / "val.jsonl"), "--config", str(recipe)]
+    outputs = []
+    for _ in range(2):
+        assert main(args) == 0
+        outputs.append(capsys.readouterr().out)
+    assert "val/gen/loss" in outputs[0] and outputs[0] == outputs[1]
