@@ -13,8 +13,10 @@ A manifest has one example per line, a JSON object with any of these keys:
 - `label`: a class name; an int is accepted and becomes its str (`7` -> `"7"`).
 - `id`: an optional str or int, passed through.
 
-Every line is checked when the dataset is built, so a bad line fails (or is skipped) before training starts
-rather than hours into it.
+Lines are separated by "\n" only (U+2028 and U+0085 are valid inside JSON strings). Every line is checked when
+the dataset is built - its JSON (nesting too deep to read is a bad line), its types, that its text is valid
+Unicode (no lone surrogates) and that its media are files - so a bad line fails (or is skipped) before training
+starts rather than hours into it.
 """
 
 from __future__ import annotations

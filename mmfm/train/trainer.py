@@ -5,7 +5,9 @@ task's summed loss is divided by its units over the whole step (all micro-batche
 back-propagated, clipped and applied with AdamW under warmup + cosine. Every `eval_every` steps the held-out
 metrics are computed, every `checkpoint_every` steps a checkpoint is written, and a SIGINT/SIGTERM ends the
 run after the current step with a checkpoint. Resuming restores model, optimizer, scheduler, mixer, RNG and
-data position, so on CPU a resumed run reproduces the uninterrupted run's losses exactly.
+data position, so on CPU a resumed run reproduces the uninterrupted run's losses exactly; a resume that could not
+(fewer `steps` than the run already did, another `batch_size`, a manifest of another size) is refused before
+anything is built, as is an out_dir that cannot hold a run folder.
 """
 
 from __future__ import annotations
