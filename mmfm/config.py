@@ -227,8 +227,8 @@ class ImageEncoderConfig:
             fail(f"{key}.reg_tokens must be >= 0, got {self.reg_tokens}")
         for name in ("mean", "std"):
             values = getattr(self, name)
-            if values is not None and len(values) != self.in_chans:
-                fail(f"{key}.{name} needs one value per channel ({key}.in_chans = {self.in_chans}), got {values}")
+            if values is not None and len(values) not in (1, self.in_chans):
+                fail(f"{key}.{name} needs 1 or {key}.in_chans={self.in_chans} values, got {list(values)}")
         if self.std is not None and not all(v > 0 for v in self.std):
             fail(f"{key}.std values must be positive, got {self.std}")
 
@@ -353,7 +353,7 @@ class TextTowerConfig:
 
     def check(self, fail: Fail, key: str) -> None:
         check_positive(self, fail, key, ("vocab_size", "context_length", "width", "depth", "num_heads"))
-        check_positive(self, fail, key, ("mlp_dim", "norm_eps", "type_vocab_size"))
+        check_positive(self, fail, key, ("mlp_dim", "norm_eps", *(("type_vocab_size",) if self.kind == "bert" else ())))
         if self.width % self.num_heads:
             fail(f"{key}.num_heads ({self.num_heads}) must divide {key}.width ({self.width})")
         if self.embed_dim is not None and self.embed_dim <= 0:

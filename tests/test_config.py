@@ -318,7 +318,7 @@ def test_settings_out_of_range_name_their_key():
         "audio.frame_shift_ms": 0.0,
         "image.in_chans": 2,
         "image.std": [0.5, 0.0, 0.5],
-        "image.mean": [0.5],
+        "image.mean": [0.5, 0.5],
     }
     for key, value in cases.items():
         with pytest.raises(ConfigError, match=rf"{key}"):
