@@ -7,10 +7,12 @@ mask that is True on real tokens, so the sequence builder and the heads never lo
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import re
+import stat
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -22,6 +24,25 @@ from mmfm.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from open_clip.tokenizer import SimpleTokenizer
+
+# The most bytes a "wordpiece" vocabulary file may have (BERT's vocab.txt has 0.2 MB, a multilingual tokenizer.json
+# about 10 MB); assign `mmfm.encoders.tokenizers.MAX_VOCAB_BYTES` to change it.
+MAX_VOCAB_BYTES = 64 * 2**20
+
+
+def check_unicode(text: str, what: str) -> None:
+    """Raises InputError naming `what` when `text` holds a lone surrogate: such a str is not Unicode text, cannot
+    be written as UTF-8, and would crash tokenizing (it comes from bytes decoded with errors="surrogateescape" or
+    from JSON's "\\ud800")."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"{what} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), which is not "
+            "Unicode text; decode its bytes with errors='replace'"
+        ) from None
 
 
 class Tokenizer:
@@ -42,8 +63,17 @@ class Tokenizer:
     # recognise padding by where it sits, not by its id.
     pad_is_token: bool = False
 
-    def encode(self, text: str) -> list[int]:
-        """The ids of `text`, without BOS or EOS."""
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """The ids of `text`, without BOS or EOS.
+
+        Args:
+            text: the text.
+            max_tokens: return only the first this many ids; the work done is then bounded by what is kept, not by
+                the length of `text` (beyond a linear pass over it), which is how `__call__` truncates.
+
+        Raises:
+            InputError: `text` holds a lone surrogate (`check_unicode`).
+        """
         raise NotImplementedError
 
     def _decode_tokens(self, ids: list[int]) -> str:
@@ -107,7 +137,7 @@ class Tokenizer:
             mask: (B, L) bool tensor, True on real tokens (BOS and EOS included), False on padding.
 
         Raises:
-            InputError: `texts` is empty or an item is not a str.
+            InputError: `texts` is empty, an item is not a str, or holds a lone surrogate (not Unicode text).
             ValueError: `max_length` leaves no room for BOS (and EOS), or `padding_side` is unknown.
         """
         if isinstance(texts, str):
@@ -119,6 +149,7 @@ class Tokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise InputError(f"texts[{i}] must be a str, got {type(text).__name__}")
+            check_unicode(text, f"texts[{i}]")
         num_specials = 2 if add_eos else 1
         if max_length < num_specials:
             raise ValueError(f"max_length must be at least {num_specials} to fit the special ids, got {max_length}")
@@ -127,7 +158,7 @@ class Tokenizer:
 
         rows = []
         for text in texts:
-            tokens = self.encode(text)[: max_length - num_specials]
+            tokens = self.encode(text, max_tokens=max_length - num_specials)
             rows.append([self.bos_id, *tokens, self.eos_id] if add_eos else [self.bos_id, *tokens])
         L = max(len(row) for row in rows)
         ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
@@ -148,8 +179,12 @@ class ByteTokenizer(Tokenizer):
     eos_id = 2
     _offset = 3
 
-    def encode(self, text: str) -> list[int]:
-        return [b + self._offset for b in text.encode("utf-8")]
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        check_unicode(text, "text")
+        if max_tokens is not None:
+            text = text[:max_tokens]  # every character is at least one byte
+        ids = [b + self._offset for b in text.encode("utf-8")]
+        return ids if max_tokens is None else ids[:max_tokens]
 
     def _decode_tokens(self, ids: list[int]) -> str:
         # A model can emit byte sequences that are not valid UTF-8; they decode to U+FFFD, never raise.
@@ -182,12 +217,77 @@ class ClipTokenizer(Tokenizer):
         self.bos_id = self._bpe.sot_token_id
         self.eos_id = self._bpe.eot_token_id
 
-    def encode(self, text: str) -> list[int]:
-        return self._bpe.encode(text)
+    # Words of at most this many bytes go through open_clip's own BPE (and its cache); longer ones through
+    # `bpe_merge`, which gives the same pieces in O(n log n) instead of open_clip's O(n^2).
+    _short_word = 64
+    # When truncating, a long word is cut after enough bytes for this many pieces beyond those kept, so the kept
+    # pieces do not depend on where it was cut.
+    _cut_margin = 16
+
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """The ids `open_clip`'s `SimpleTokenizer.encode` gives, the first `max_tokens` of them if given.
+
+        With `max_tokens`, the work beyond cleaning the text (linear) is bounded by what is kept: words are
+        tokenized only until enough ids are found, and a long word only as far as those ids reach.
+        """
+        check_unicode(text, "text")
+        bpe, ids = self._bpe, []
+        for match in bpe.pat.finditer(bpe.clean_fn(text)):
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
+            symbols = [bpe.byte_encoder[b] for b in match.group().encode("utf-8")]
+            if len(symbols) <= self._short_word:
+                pieces = bpe.bpe("".join(symbols)).split(" ")
+            else:
+                ends_word = True
+                if max_tokens is not None:
+                    keep = _longest_clip_piece() * (max_tokens - len(ids) + self._cut_margin)
+                    if len(symbols) > keep:
+                        symbols, ends_word = symbols[:keep], False
+                if ends_word:
+                    symbols[-1] += "</w>"
+                pieces = bpe_merge(symbols, bpe.bpe_ranks)
+            ids.extend(bpe.encoder[piece] for piece in pieces)
+        return ids if max_tokens is None else ids[:max_tokens]
 
     def _decode_tokens(self, ids: list[int]) -> str:
         # SimpleTokenizer ends every word with a space, the last one included.
         return self._bpe.decode(ids).strip()
+
+
+@functools.lru_cache(maxsize=1)
+def _longest_clip_piece() -> int:
+    """The most byte symbols one CLIP BPE piece covers: n symbols give at least n / this many pieces."""
+    return max(len(piece.removesuffix("</w>")) for piece in _clip_bpe().encoder)
+
+
+def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair merges of `symbols` by `ranks` (lowest first), as open_clip's `SimpleTokenizer.bpe` applies them.
+
+    open_clip merges every occurrence of the lowest-ranked pair, left to right, then looks again: O(n^2) on one
+    long word. This keeps the pairs in a heap ordered by (rank, position) over a linked list of symbols, so each
+    merge costs O(log n) and the pieces are the same: a merge only creates pairs of higher rank (their parts must
+    exist first), so the occurrences of one rank are still merged left to right before any higher rank.
+    """
+    n = len(symbols)
+    sym: list[str | None] = list(symbols)
+    nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))
+    heap = [(ranks[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in ranks]
+    heapq.heapify(heap)
+    while heap:
+        rank, i = heapq.heappop(heap)
+        j = nxt[i] if sym[i] is not None else n
+        if j >= n or ranks.get((sym[i], sym[j])) != rank:
+            continue  # stale: one of the two symbols has been merged since
+        sym[i], sym[j] = sym[i] + sym[j], None
+        nxt[i] = nxt[j]
+        if nxt[i] < n:
+            prv[nxt[i]] = i
+            if (right := ranks.get((sym[i], sym[nxt[i]]))) is not None:
+                heapq.heappush(heap, (right, i))
+        if prv[i] >= 0 and (left := ranks.get((sym[prv[i]], sym[i]))) is not None:
+            heapq.heappush(heap, (left, prv[i]))
+    return [s for s in sym if s is not None]
 
 
 # Unicode blocks of CJK ideographs, which BERT splits into one word each (as Chinese has no spaces).
@@ -212,6 +312,16 @@ def _is_punctuation(ch: str) -> bool:
     return unicodedata.category(ch).startswith("P")
 
 
+# What `basic_tokenize` splits words at: the characters it turns into spaces (" \t\n\r" and Unicode's Zs) and
+# those it keeps that `str.split` splits at (U+2028, U+2029). Each piece between them is tokenized on its own, with
+# the same words as the whole text, so `encode` can stop once it has enough ids.
+_SPACES = re.compile("[^\t\n\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
+
+
+def _pieces_between_spaces(text: str) -> Iterator[str]:
+    return (match.group() for match in _SPACES.finditer(text))
+
+
 def _is_cjk(ch: str) -> bool:
     cp = ord(ch)
     return any(lo <= cp <= hi for lo, hi in _CJK_RANGES)
@@ -220,14 +330,37 @@ def _is_cjk(ch: str) -> bool:
 def read_wordpiece_vocab(path: Path) -> list[str]:
     """The tokens of a vocab.txt or of a WordPiece tokenizer.json, in id order.
 
+    Only a regular file of at most `MAX_VOCAB_BYTES` is read: a folder, `/dev/zero`, a FIFO or `/dev/stdin` is
+    refused before reading, so building a model never hangs or fills memory on a config's `text.vocab`.
+
     Raises:
-        ConfigError: naming the file, when it is missing, unreadable, or not a WordPiece vocabulary.
+        ConfigError: naming the file, when it is missing, not a regular file, too large, unreadable, not UTF-8, or
+            not a WordPiece vocabulary.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        info = path.stat()
     except FileNotFoundError:
         raise ConfigError(f"text.vocab: {path}: no such vocabulary file") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, ValueError) as e:  # a name too long, a NUL in it, no permission
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError(f"text.vocab: {str(path)[:200]!r}: cannot be read ({reason})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a device, FIFO or socket)"
+        raise ConfigError(f"text.vocab: {path}: is {kind}; expected a vocab.txt or tokenizer.json file")
+    limit = MAX_VOCAB_BYTES
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"text.vocab: {path}: cannot be read ({e.strerror or e})") from None
+    if len(raw) > limit:
+        raise ConfigError(
+            f"text.vocab: {path}: over {limit} bytes, too large for a vocabulary "
+            "(the limit is mmfm.encoders.tokenizers.MAX_VOCAB_BYTES)"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise ConfigError(f"text.vocab: {path}: cannot be read as UTF-8 ({e})") from None
     if path.suffix != ".json":
         return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
@@ -282,15 +415,21 @@ class WordPieceTokenizer(Tokenizer):
         specials = [t for t in _SPECIAL_TOKENS if t in self.vocab]
         self._special_split = re.compile("(" + "|".join(re.escape(t) for t in specials) + ")")
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        check_unicode(text, "text")
         ids = []
         for i, chunk in enumerate(self._special_split.split(text)):
+            if max_tokens is not None and len(ids) >= max_tokens:
+                break
             if i % 2:  # the split keeps the separators (special tokens) at odd positions
                 ids.append(self.vocab[chunk])
                 continue
-            for word in self.basic_tokenize(chunk):
-                ids.extend(self._wordpiece(word))
-        return ids
+            for piece in _pieces_between_spaces(chunk):
+                for word in self.basic_tokenize(piece):
+                    ids.extend(self._wordpiece(word))
+                if max_tokens is not None and len(ids) >= max_tokens:
+                    break
+        return ids if max_tokens is None else ids[:max_tokens]
 
     def basic_tokenize(self, text: str) -> list[str]:
         """Cleaning, CJK splitting, lowercasing, accent stripping and punctuation splitting -> words."""

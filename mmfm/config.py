@@ -19,6 +19,9 @@ import dataclasses
 import difflib
 import importlib
 import math
+import re
+import reprlib
+import stat
 import types
 import typing
 from collections.abc import Callable
@@ -120,6 +123,25 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 Fail = Callable[[str], None]  # raises ConfigError with the message, prefixed by the config's source
 
 
+def check_positive(component: Any, fail: Fail, key: str, names: tuple[str, ...]) -> None:
+    """Fails naming the first of `names` that is set (not None) on `component` and not above 0."""
+    for name in names:
+        value = getattr(component, name)
+        if value is not None and not value > 0:
+            fail(f"{key}.{name} must be positive, got {value}")
+
+
+# Limits on config and recipe files (the README's "Bad input" section); assign these attributes to change them.
+# The most bytes a YAML config, recipe or override may have.
+MAX_CONFIG_BYTES = 8 * 2**20
+# The most units (one per value, plus one per character of text) a config may hold once its aliases are expanded.
+MAX_CONFIG_SIZE = 8 * 2**20
+# The most levels of lists and mappings inside each other.
+MAX_CONFIG_DEPTH = 64
+# Integers in a config are at most this large in magnitude (what a 64-bit integer holds).
+MAX_CONFIG_INT = 2**63 - 1
+
+
 @dataclass
 class ProjectorConfig:
     """Maps one modality's encoder tokens into the backbone's token space.
@@ -197,6 +219,18 @@ class ImageEncoderConfig:
         self.projector.check(fail, f"{key}.projector")
         if self.head_dim < 0:
             fail(f"{key}.head_dim must be >= 0, got {self.head_dim}")
+        check_positive(self, fail, key, ("img_size", "patch_size", "width", "depth", "num_heads", "mlp_ratio"))
+        check_positive(self, fail, key, ("crop_pct",))
+        if self.in_chans not in (1, 3):
+            fail(f"{key}.in_chans must be 3 (RGB) or 1 (greyscale), got {self.in_chans}")
+        if self.reg_tokens < 0:
+            fail(f"{key}.reg_tokens must be >= 0, got {self.reg_tokens}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and len(values) not in (1, self.in_chans):
+                fail(f"{key}.{name} needs 1 or {key}.in_chans={self.in_chans} values, got {list(values)}")
+        if self.std is not None and not all(v > 0 for v in self.std):
+            fail(f"{key}.std values must be positive, got {self.std}")
 
 
 @dataclass
@@ -257,8 +291,12 @@ class AudioEncoderConfig:
 
     def check(self, fail: Fail, key: str) -> None:
         self.projector.check(fail, f"{key}.projector")
-        if self.sample_rate <= 0:
-            fail(f"{key}.sample_rate must be positive, got {self.sample_rate}")
+        check_positive(self, fail, key, ("sample_rate", "frame_length_ms", "frame_shift_ms", "norm_std"))
+        check_positive(self, fail, key, ("width", "depth", "num_heads", "norm_eps"))
+        if self.dither < 0:
+            fail(f"{key}.dither must be >= 0, got {self.dither}")
+        if self.reg_tokens < 0:
+            fail(f"{key}.reg_tokens must be >= 0, got {self.reg_tokens}")
         if not 0 < self.patch_stride <= self.patch_size:
             fail(f"{key}.patch_stride must be in [1, patch_size={self.patch_size}], got {self.patch_stride}")
         if self.num_mel_bins < self.patch_size or self.target_frames < self.patch_size:
@@ -314,9 +352,8 @@ class TextTowerConfig:
         return self.embed_dim or self.width
 
     def check(self, fail: Fail, key: str) -> None:
-        for name in ("vocab_size", "context_length", "width", "depth", "num_heads"):
-            if getattr(self, name) <= 0:
-                fail(f"{key}.{name} must be positive, got {getattr(self, name)}")
+        check_positive(self, fail, key, ("vocab_size", "context_length", "width", "depth", "num_heads"))
+        check_positive(self, fail, key, ("mlp_dim", "norm_eps", *(("type_vocab_size",) if self.kind == "bert" else ())))
         if self.width % self.num_heads:
             fail(f"{key}.num_heads ({self.num_heads}) must divide {key}.width ({self.width})")
         if self.embed_dim is not None and self.embed_dim <= 0:
@@ -408,9 +445,8 @@ class BackboneConfig:
         return -(-(8 * self.dim // 3) // 64) * 64
 
     def check(self, fail: Fail, key: str) -> None:
-        for name in ("dim", "depth", "num_heads", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                fail(f"{key}.{name} must be positive, got {getattr(self, name)}")
+        check_positive(self, fail, key, ("dim", "depth", "num_heads", "max_seq_len"))
+        check_positive(self, fail, key, ("num_kv_heads", "hidden_dim", "rope_theta", "norm_eps"))
         if self.dim % self.num_heads:
             fail(f"{key}.num_heads ({self.num_heads}) must divide {key}.dim ({self.dim})")
         if self.num_heads % self.kv_heads:
@@ -645,7 +681,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<dict>") -> ModelConfig:
-        """Builds and validates a config; errors name `source` (a file path, say) and the offending key."""
+        """Builds and validates a config; errors name `source` (a file path, say) and the offending key.
+
+        `data` is held to the limits of a YAML file (`load_yaml`), so no caller can hand in an alias bomb.
+        """
+        check_config_size(data, source)
         config = build_dataclass(cls, data, source, prefix="")
         validate(config, source)
         return config
@@ -656,28 +696,186 @@ class ModelConfig:
 
 
 def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """The mapping a YAML file holds; a missing file, bad YAML or a non-mapping is a ConfigError naming `path`."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    """The mapping a YAML file holds.
+
+    Raises:
+        ConfigError: naming `path`, when it is missing, not a regular file, over `MAX_CONFIG_BYTES`, not UTF-8 text,
+            not valid YAML, too large once its aliases are expanded (`load_yaml`), or not a mapping.
+    """
+    data = load_yaml(read_config_text(path, what), str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     return data
 
 
+def read_config_text(path: Path, what: str) -> str:
+    """The text of a config file, read only if it is a regular file of at most `MAX_CONFIG_BYTES` UTF-8 bytes.
+
+    Folders, devices (`/dev/zero`), FIFOs and sockets are refused before anything is read, so reading never hangs
+    or runs out of memory.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except (OSError, ValueError) as e:  # ENAMETOOLONG, ENOTDIR, EACCES; ValueError: a NUL in the path
+        raise ConfigError(f"{quote(str(path))}: cannot read the {what} ({getattr(e, 'strerror', None) or e})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{path}: the {what} is a folder; expected a YAML file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: the {what} is not a regular file (a device, FIFO or socket); expected a YAML file")
+    limit = MAX_CONFIG_BYTES
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    if len(raw) > limit:
+        raise ConfigError(
+            f"{path}: the {what} is over {limit} bytes; a config is a small YAML file "
+            "(the limit is mmfm.config.MAX_CONFIG_BYTES)"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: the {what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); a binary file?"
+        ) from None
+
+
+class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """PyYAML's safe loader (libyaml's when installed: several times faster): plain data, no Python objects."""
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """The data of a YAML document, refused unless it is small once its aliases are expanded.
+
+    A YAML alias repeats a value without repeating its text, so a 1 KB document can stand for a billion values
+    (an "alias bomb") that any copy, error message or save of it would spell out. The expanded document may hold at
+    most `MAX_CONFIG_SIZE` units (one per value, plus one per character of text) and nest at most
+    `MAX_CONFIG_DEPTH` levels; an alias inside the value it names (a cycle) and text with lone surrogates (not
+    Unicode, so never writable) are refused too.
+
+    Raises:
+        ConfigError: naming `source` and what was wrong.
+    """
+    try:
+        data = yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a safe loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({clip(str(e), 400)})") from None
+    except (ValueError, OverflowError, TypeError, RecursionError) as e:  # e.g. a 5000-digit int, a bad date
+        raise ConfigError(f"{source}: not valid YAML ({type(e).__name__}: {clip(str(e), 200)})") from None
+    check_config_size(data, source)
+    return data
+
+
+def check_config_size(data: Any, source: str) -> int:
+    """The size of `data` with shared values counted each time they appear (`load_yaml` says which limits apply).
+
+    Shared values are sized once (memoised by identity), so the check takes time proportional to the distinct
+    values, however many times they repeat.
+    """
+    limit, max_depth = MAX_CONFIG_SIZE, MAX_CONFIG_DEPTH
+    sizes: dict[int, int] = {}
+    open_ids: set[int] = set()
+
+    def name(where: tuple | None) -> str:
+        parts = []
+        while where is not None:
+            where, part = where
+            parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+        return clip("".join(reversed(parts)).lstrip(".") or "config", 120)
+
+    def size(value: Any, where: tuple | None, depth: int) -> int:
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ConfigError(
+                        f"{source}: '{name(where)}' holds a lone surrogate (U+{ord(value[e.start]):04X}), "
+                        "which is not Unicode text"
+                    ) from None
+            return 1 + len(value)
+        if isinstance(value, bytes):
+            return 1 + len(value)
+        if not isinstance(value, (dict, list, tuple, set, frozenset)):
+            return 1
+        ident = id(value)
+        if ident in sizes:
+            return sizes[ident]
+        if ident in open_ids:
+            raise ConfigError(f"{source}: '{name(where)}' contains itself (a YAML alias inside the value it names)")
+        if depth >= max_depth:
+            raise ConfigError(
+                f"{source}: '{name(where)}' nests more than {max_depth} levels deep "
+                "(the limit is mmfm.config.MAX_CONFIG_DEPTH)"
+            )
+        open_ids.add(ident)
+        total = 1
+        is_mapping = isinstance(value, dict)
+        for part, item in value.items() if is_mapping else enumerate(value):
+            inside = (where, (clip(part, 60) if isinstance(part, str) else quote(part, 60)) if is_mapping else part)
+            if is_mapping:
+                total += size(part, inside, depth + 1)
+            total += size(item, inside, depth + 1)
+            if total > limit:
+                raise ConfigError(
+                    f"{source}: '{name(where)}' is too large: over {limit} values and characters once its YAML "
+                    "aliases are expanded (an alias bomb?); the limit is mmfm.config.MAX_CONFIG_SIZE"
+                )
+        open_ids.discard(ident)
+        sizes[ident] = total
+        return total
+
+    return size(data, None, 0)
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, marked with "..." where it was cut."""
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 4, 6, 6, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+
+
+def quote(value: Any, limit: int = 100) -> str:
+    """`repr(value)` for an error message: at most about `limit` characters, whatever the value's size or nesting.
+
+    Values in errors come from files and command lines; an alias bomb or a 10 MB string must not be spelled out.
+    """
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a repr that raises (a huge int) still leaves a message
+        text = f"<{type(value).__name__}>"
+    return clip(text, limit)
+
+
 def nest_dotted(overrides: dict[str, Any], source: str = "<overrides>") -> dict[str, Any]:
-    """`{"backbone.depth": 2, "text": {...}}` -> `{"backbone": {"depth": 2}, "text": {...}}`."""
+    """`{"backbone.depth": 2, "text": {...}}` -> `{"backbone": {"depth": 2}, "text": {...}}`.
+
+    Raises:
+        ConfigError: a key that is not text, has an empty part (`a..b`), or sets a section and a field inside it to
+            conflicting values.
+    """
     nested: dict[str, Any] = {}
     for key, value in overrides.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: override key {quote(key)} must be text such as 'backbone.depth'")
         *parents, leaf = key.split(".")
+        if not all(parents) or not leaf:
+            raise ConfigError(f"{source}: override key {quote(key)} has an empty part; write e.g. 'backbone.depth'")
         node = nested
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{source}: override '{key}': '{part}' is set to a value, not a section")
+                raise ConfigError(f"{source}: override {quote(key)}: '{part}' is set to a value, not a section")
+        if isinstance(node.get(leaf), dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: override {quote(key)} replaces a section that other overrides set")
+            value = merge(node[leaf], value)
         node[leaf] = value
     return nested
 
@@ -745,17 +943,29 @@ def to_plain(value: Any) -> Any:
 def build_dataclass(cls: type, data: Any, source: str, prefix: str = "") -> Any:
     """Builds dataclass `cls` from a mapping, coercing YAML types; unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {quote(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
+            close = difflib.get_close_matches(clip(key, 100), names, n=3, cutoff=0.6) if isinstance(key, str) else []
             hint = f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
-            raise ConfigError(f"{source}: unknown config key '{prefix}{key}'{hint} (valid keys: {', '.join(names)})")
+            shown = clip(key, 100) if isinstance(key, str) else quote(key, 100)
+            raise ConfigError(f"{source}: unknown config key '{prefix}{shown}'{hint} (valid keys: {', '.join(names)})")
         kwargs[key] = _coerce(hints[key], value, source, prefix + key)
     return cls(**kwargs)
+
+
+# A number as people write it, YAML 1.2's float syntax: "1e-3" and "3E5" (which YAML 1.1 reads as text), "0.5", "2".
+_NUMBER = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+def _number(value: Any) -> Any:
+    """`value` as a float when it is text spelling a number ("1e-3"), else `value` unchanged."""
+    if isinstance(value, str) and len(value) <= 64 and _NUMBER.fullmatch(value):
+        return float(value)
+    return value
 
 
 def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
@@ -770,22 +980,49 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, source, key + ".")
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {value!r}")
+        if isinstance(value, (dict, list, set)) or value not in args:
+            raise ConfigError(f"{source}: '{key}' must be one of {list(args)}, got {quote(value)}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {quote(value)}")
+        for name in value:
+            if not isinstance(name, str):
+                raise ConfigError(f"{source}: '{key}' must have text keys, got {quote(name)}")
         return dict(value)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
-        items = [_coerce(args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value)]
+            raise ConfigError(f"{source}: '{key}' must be a list, got {quote(value)}")
+        fixed = origin is tuple and Ellipsis not in args  # tuple[float, float]: exactly two
+        if fixed and len(value) != len(args):
+            raise ConfigError(f"{source}: '{key}' must be a list of {len(args)} values, got {quote(value)}")
+        items = [_coerce(args[i] if fixed else args[0], v, source, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if hint is float:
+        value = _number(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except OverflowError:
+                raise ConfigError(f"{source}: '{key}' must be a finite number, got {quote(value)}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value}")
+    if hint is int and isinstance(value, str):
+        number = _number(value)
+        if isinstance(number, float) and number.is_integer() and abs(number) <= 2**53:
+            value = int(number)  # "1e4" on a command line means 10000
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+            raise ConfigError(f"{source}: '{key}' is too large an integer (at most {MAX_CONFIG_INT}): {quote(value)}")
     if hint is bool and not isinstance(value, bool) or hint is not bool and isinstance(value, bool):
-        raise ConfigError(f"{source}: '{key}' must be {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{source}: '{key}' must be {hint.__name__}, got {quote(value)}")
     if not isinstance(value, hint):
-        raise ConfigError(f"{source}: '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{source}: '{key}' must be {hint.__name__}, got {type(value).__name__} {quote(value)}")
+    if hint is str and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ConfigError(
+                f"{source}: '{key}' holds a lone surrogate (U+{ord(value[e.start]):04X}), which is not Unicode text"
+            ) from None
     return value

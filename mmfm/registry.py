@@ -11,7 +11,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from mmfm.config import ModelConfig, merge, read_yaml_mapping
+from mmfm.config import ModelConfig, clip, merge, quote, read_yaml_mapping
 from mmfm.errors import ConfigError
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
@@ -38,10 +38,10 @@ def list_configs() -> list[str]:
 def get_preset(name: str) -> ModelConfig:
     """The config of a registered preset; an unknown name lists close matches."""
     names = list_models()
-    if name not in _PRESETS:
-        close = difflib.get_close_matches(name, names, n=3)
+    if not isinstance(name, str) or name not in _PRESETS:
+        close = difflib.get_close_matches(clip(name, 100), names, n=3) if isinstance(name, str) else []
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown model '{name}'{hint} (registered: {', '.join(names)})")
+        raise ConfigError(f"unknown model {quote(name)}{hint} (registered: {', '.join(names)})")
     config = _PRESETS[name]()
     config.name = name
     return config
@@ -53,14 +53,16 @@ def get_config(name: str) -> ModelConfig:
     Raises:
         ConfigError: a name that is neither, listing close matches of both kinds.
     """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a model name must be non-empty text, got {quote(name)}")
     presets, configs = list_models(), list_configs()
     if name in presets:
         return get_preset(name)
     if name not in configs:
-        close = difflib.get_close_matches(name, presets + configs, n=3)
+        close = difflib.get_close_matches(clip(name, 100), presets + configs, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(
-            f"unknown model '{name}'{hint} (presets: {', '.join(presets)}; shipped configs: {', '.join(configs)})"
+            f"unknown model {quote(name)}{hint} (presets: {', '.join(presets)}; shipped configs: {', '.join(configs)})"
         )
     resource = resources.files(_CONFIGS_PACKAGE) / _MODELS_FOLDER / f"{name}.yaml"
     with resources.as_file(resource) as path:  # a real file even when the package is zipped
@@ -80,7 +82,12 @@ def read_config(path: str | Path) -> ModelConfig:
     data = read_yaml_mapping(path, "config file")
     if "preset" in data:
         data = dict(data)
-        data = merge(get_config(data.pop("preset")).to_dict(), data)
+        preset = data.pop("preset")
+        if not isinstance(preset, str) or not preset:
+            raise ConfigError(
+                f"{path}: 'preset' must name a preset or shipped config (e.g. mmfm-tiny), got {quote(preset)}"
+            )
+        data = merge(get_config(preset).to_dict(), data)
     config = ModelConfig.from_dict(data, str(path))
 
     def beside_file(p: str | None) -> str | None:

@@ -1,5 +1,9 @@
 """Tokenizers and the text encoder: round trips, parity with open_clip, padding, truncation and errors."""
 
+import random
+import string
+import time
+
 import open_clip
 import pytest
 import torch
@@ -179,3 +183,55 @@ def test_token_embedding_rejects_out_of_range_ids(bad):
     encoder = TokenEmbedding(259, dim=8)
     with pytest.raises(InputError, match=r"\[0, 259\)"):
         encoder(torch.tensor([[1, 5, bad]]))
+
+
+# Hostile and careless text (issue 11): bounded work, and errors that name the text.
+
+
+def random_letters(n: int, alphabet: str = string.ascii_lowercase, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+@pytest.mark.parametrize("n", [16_000, 32_000])
+def test_clip_work_is_bounded_by_what_truncation_keeps(clip_tok, n):
+    text = random_letters(n)  # one long word: open_clip's BPE is quadratic in it (9 s for 32k characters)
+    start = time.perf_counter()
+    ids, mask = clip_tok([text], max_length=77)
+    assert time.perf_counter() - start < 1.0
+    assert ids.shape == (1, 77) and mask.all()
+
+
+def test_clip_truncation_of_a_long_word_matches_open_clip(clip_tok):
+    # max_length 10 cuts the 1500-character word before its BPE; the kept ids are open_clip's
+    for text in [random_letters(1500), "a " + random_letters(1500, "aeiounst", seed=1) + " cat"]:
+        ids, _ = clip_tok([text], max_length=10)
+        assert ids[0].tolist() == open_clip.tokenize([text], context_length=10)[0].tolist()
+
+
+def test_clip_long_words_merge_as_open_clip_does():
+    from mmfm.encoders.tokenizers import _clip_bpe, bpe_merge
+
+    bpe = _clip_bpe()
+    for i, alphabet in enumerate([string.ascii_lowercase, "ab", "aeiounst", "éàü漢字", "!?.-"]):
+        word = "".join(bpe.byte_encoder[b] for b in random_letters(300, alphabet, seed=i).encode())
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        assert bpe_merge(symbols, bpe.bpe_ranks) == bpe.bpe(word).split(" ")
+
+
+def test_encode_with_max_tokens_is_the_start_of_encode(byte_tok, clip_tok):
+    texts = ["A photo of a CAT, 42!", "你好，世界 party 🎉🐱", "x" * 300 + " tail", ""]
+    for tok in (byte_tok, clip_tok):
+        for text in texts:
+            full = tok.encode(text)
+            for k in (1, 3, 50):
+                assert tok.encode(text, max_tokens=k) == full[:k]
+
+
+@pytest.mark.parametrize("text", ["\ud800", "cat \udcff dog", "ok \ud83d\ude00"])
+def test_lone_surrogates_are_input_errors_naming_the_text(byte_tok, clip_tok, text):
+    for tok in (byte_tok, clip_tok):
+        with pytest.raises(InputError, match=r"texts\[1\] holds a lone surrogate \(U\+D[89A-F][0-9A-F]{2}"):
+            tok(["fine", text], max_length=16)
+        with pytest.raises(InputError, match="text holds a lone surrogate"):
+            tok.encode(text)

