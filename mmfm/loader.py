@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from mmfm.checkpoint import CONFIG_NAME, load_weights, parameters_on_meta, read_weights, unique_state_dict
-from mmfm.config import DTYPE_NAMES, ModelConfig
+from mmfm.config import DTYPE_NAMES, ModelConfig, quote
 from mmfm.errors import CheckpointError, ConfigError, InputError
 from mmfm.model import MultimodalModel
 from mmfm.pretrained import download_hub, fetch, get_pretrained, is_pretrained_tag
@@ -63,7 +63,7 @@ def create_model(name_or_path: str | Path, **overrides: Any) -> MultimodalModel:
     config = read_config(path) if path.suffix in YAML_SUFFIXES else get_config(str(name_or_path))
     source = str(name_or_path)
     if overrides:
-        source = f"{name_or_path} with overrides {overrides}"
+        source = f"{name_or_path} with overrides {quote(overrides, 200)}"
         config = config.with_overrides(overrides, source=source)
     try:
         return MultimodalModel(config)

@@ -17,10 +17,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
-from mmfm.config import MEDIA_MODALITIES, build_dataclass
+from mmfm.config import MEDIA_MODALITIES, build_dataclass, quote, read_yaml_mapping
 from mmfm.data import Batch, Collator, EpochSampler, ManifestDataset
 from mmfm.errors import ConfigError, InputError
 from mmfm.heads.caption import CaptionObjective
@@ -202,11 +201,10 @@ def _tasks_for(model, dataset: ManifestDataset, model_dir: Path, recipe) -> list
     beside = [model_dir.parent / RECIPE_NAME, model_dir.parent.parent / RECIPE_NAME] if model_dir.exists() else []
     for candidate in [Path(recipe)] if recipe else beside:
         if candidate.exists():
-            data = yaml.safe_load(candidate.read_text()) or {}
-            return [
-                build_dataclass(TaskConfig, t, str(candidate), f"tasks[{i}].")
-                for i, t in enumerate(data.get("tasks", []))
-            ]
+            tasks = read_yaml_mapping(candidate, "training recipe").get("tasks", [])
+            if not isinstance(tasks, list):
+                raise ConfigError(f"{candidate}: 'tasks' must be a list of tasks, got {quote(tasks)}")
+            return [build_dataclass(TaskConfig, t, str(candidate), f"tasks[{i}].") for i, t in enumerate(tasks)]
         if recipe:
             raise ConfigError(f"{candidate}: training recipe not found")
     fields = {key for i in range(len(dataset)) for key in dataset[i]}
