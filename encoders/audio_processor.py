@@ -47,9 +47,10 @@ class AudioProcessor:
         config: the audio encoder config; its sample rate, fbank, pad/crop and normalisation fields are used.
 
     Attributes:
-        min_sample_rate, max_sample_rate: the sample rates accepted, in Hz (default 1 kHz to 384 kHz). Resampling
-            costs time and memory proportional to the clip at any rate; the bounds keep the resampled clip at most
-            `config.sample_rate / min_sample_rate` times as long as the input. Set them on the class
+        min_sample_rate, max_sample_rate: the sample rates accepted besides `config.sample_rate`, in Hz (default
+            1 kHz to 384 kHz). Resampling costs time and memory proportional to the clip at any rate; the bounds
+            keep the resampled clip at most `config.sample_rate / min_sample_rate` times as long as the input and
+            refuse nonsense rates. Set them on the class
             (`AudioProcessor.max_sample_rate = 768_000`) or on one processor (`model.processors["audio"]`).
         max_amplitude: the largest absolute sample value accepted (default 1e10, far above the [-1, 1] of float
             audio and the +-32768 of int16-scaled floats); louder clips overflow the fbank's float32 power spectrum.
@@ -75,8 +76,8 @@ class AudioProcessor:
         waveform the shorter axis is the channel axis (the first one when both are equally long), so (C, T) and
         (T, C) both work; it may have at most 8 channels. Integer waveforms are scaled to [-1, 1) by
         2 ** (bits - 1), unsigned ones (8-bit WAV) first centred on 2 ** (bits - 1). Channels are averaged to
-        mono, then the clip is resampled to `config.sample_rate` by `resample` if its rate differs. The sample
-        rate must lie in `min_sample_rate..max_sample_rate` and no sample may exceed `max_amplitude`.
+        mono, then the clip is resampled to `config.sample_rate` by `resample` if its rate differs. A rate that
+        needs resampling must lie in `min_sample_rate..max_sample_rate`; no sample may exceed `max_amplitude`.
 
         Args:
             item: a path (str or `os.PathLike`) or a `(waveform, sample_rate)` pair.
@@ -112,7 +113,7 @@ class AudioProcessor:
                 f"{where}: the waveform's peak amplitude {peak:.3g} is above the limit {self.max_amplitude:.3g} "
                 "(float waveforms are expected in [-1, 1]; AudioProcessor.max_amplitude sets the limit)"
             )
-        if not self.min_sample_rate <= sample_rate <= self.max_sample_rate:
+        if sample_rate != self.config.sample_rate and not self.min_sample_rate <= sample_rate <= self.max_sample_rate:
             raise InputError(
                 f"{where}: the sample rate {sample_rate} Hz is outside the supported range "
                 f"{self.min_sample_rate}..{self.max_sample_rate} Hz "
@@ -291,11 +292,15 @@ def _check_pair(waveform: Any, sample_rate: Any, where: str) -> tuple[Tensor, in
         raise InputError(f"{where}: the sample rate must be a positive integer, got {sample_rate!r}")
     if isinstance(waveform, np.ndarray):
         try:
-            waveform = torch.from_numpy(waveform)
+            waveform = torch.from_numpy(waveform if all(s >= 0 for s in waveform.strides) else waveform.copy())
         except TypeError:
             raise InputError(f"{where}: unsupported waveform dtype {waveform.dtype}") from None
     elif not isinstance(waveform, Tensor):
         raise InputError(f"{where}: the waveform must be a numpy array or torch tensor, got {type(waveform).__name__}")
+    if waveform.is_meta:
+        raise InputError(f"{where}: the waveform is a meta tensor, which holds no samples")
+    if waveform.layout != torch.strided:
+        raise InputError(f"{where}: the waveform is a {waveform.layout} tensor; pass a dense one")
     waveform = waveform.detach().cpu()
     if waveform.dtype == torch.bool or waveform.is_complex():
         raise InputError(f"{where}: unsupported waveform dtype {waveform.dtype}")

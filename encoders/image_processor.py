@@ -3,9 +3,9 @@
 Loading converts every input to an 8-bit PIL image in RGB (or L for one-channel models); resizing, cropping and
 normalising are timm's own eval transform, built from the encoder's `data_config`.
 
-Files and PIL images larger than `ImageProcessor.max_pixels` are refused before they are decoded (decompression
-bombs: a 17 KB PNG can hold 12000x12000 pixels), and images much larger than the transform needs are shrunk while
-decoding (JPEG's DCT scaling) or right after (a box reduction), as PIL's `thumbnail` does.
+Images larger than `ImageProcessor.max_pixels` are refused, files and PIL images before they are decoded
+(decompression bombs: a 17 KB PNG can hold 12000x12000 pixels), and images much larger than the transform needs
+are shrunk while decoding (JPEG's DCT scaling) or right after (a box reduction), as PIL's `thumbnail` does.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class ImageProcessor:
         data_config: timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode).
         in_chans: 3 (images become RGB) or 1 (images become L).
         transform: timm's eval transform, PIL image -> (in_chans, H, W) float32 tensor.
-        max_pixels: the largest width x height of an image file or PIL image that is decoded (default
+        max_pixels: the largest width x height of an image that is loaded (default
             89,478,485, PIL's `Image.MAX_IMAGE_PIXELS`); None lifts the limit. Set it on the class
             (`ImageProcessor.max_pixels = 200_000_000`) or on one processor (`model.processors["image"]`). PIL
             itself refuses images above twice `PIL.Image.MAX_IMAGE_PIXELS`: raise that too for larger images.
@@ -118,8 +118,8 @@ class ImageProcessor:
               (divided by 257 to 8 bit) or float in [0, 1].
             - a torch tensor: CxHxW with C in 1, 3, 4, or HxW; uint8, or float in [0, 1].
 
-        Floats are rounded to 8 bit. Files and PIL images are turned upright by their EXIF orientation tag. Files
-        and PIL images with more than `max_pixels` pixels are refused before decoding. A file or PIL image whose
+        Floats are rounded to 8 bit. Files and PIL images are turned upright by their EXIF orientation tag. Images
+        with more than `max_pixels` pixels are refused (files and PIL images before decoding). A file or PIL image whose
         sides are both at least twice what the transform resizes them to is shrunk first, keeping each side at
         least twice that: JPEG files decode at 1/2, 1/4 or 1/8 scale, and L/RGB/RGBA/LA images are then
         box-reduced by an integer factor (the transform's result differs from the full-size one by a few levels).
@@ -154,8 +154,12 @@ class ImageProcessor:
             _decode(item, name)  # the caller's image: decoded at full size, never drafted
             img = self._shrink_upright(item)
         elif isinstance(item, np.ndarray):
+            if item.ndim in (2, 3):
+                self._check_pixels(item.shape[1], item.shape[0], name)
             img = _from_numpy(item, name)
         elif isinstance(item, Tensor):
+            if item.ndim in (2, 3):
+                self._check_pixels(item.shape[-1], item.shape[-2], name)
             img = _from_numpy(_tensor_to_hwc(item, name), name)
         else:
             raise InputError(f"{name}: expected a path, PIL image, numpy array or torch tensor")
@@ -185,11 +189,15 @@ class ImageProcessor:
             raise InputError(f"{name}: not a readable image file ({e})") from e
 
     def _check_size(self, img: Image.Image, name: str) -> None:
-        """Refuses an image of more than `max_pixels` pixels, before anything decodes it."""
-        pixels = img.width * img.height
+        """Refuses a PIL image of more than `max_pixels` pixels, before anything decodes it."""
+        self._check_pixels(img.width, img.height, name)
+
+    def _check_pixels(self, width: int, height: int, name: str) -> None:
+        """Refuses an image of more than `max_pixels` pixels."""
+        pixels = width * height
         if self.max_pixels is not None and pixels > self.max_pixels:
             raise InputError(
-                f"{name}: the image is {img.width}x{img.height} = {pixels:,} pixels, more than the limit of "
+                f"{name}: the image is {width}x{height} = {pixels:,} pixels, more than the limit of "
                 f"{self.max_pixels:,} (a decompression bomb?); ImageProcessor.max_pixels sets the limit"
             )
 
@@ -254,6 +262,10 @@ def _tensor_to_hwc(tensor: Tensor, name: str) -> np.ndarray:
         raise InputError(f"{name}: expected a CxHxW tensor with C in 1, 3, 4, or an HxW tensor")
     if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
         raise InputError(f"{name}: expected dtype uint8 (0..255) or a float dtype (0..1)")
+    if tensor.is_meta:
+        raise InputError(f"{name}: a meta tensor holds no pixels")
+    if tensor.layout != torch.strided:
+        raise InputError(f"{name}: a {tensor.layout} tensor; pass a dense one")
     tensor = tensor.detach().cpu()
     if tensor.is_floating_point():
         tensor = tensor.float()  # numpy has no bfloat16

@@ -413,3 +413,29 @@ def test_features_check_they_are_finite():
         processor.features(too_loud, index=4)
     with pytest.raises(InputError, match=r"^audio: the log-mel features contain NaN or Inf"):
         processor.features(too_loud)
+
+
+def test_the_model_rate_needs_no_range_check(monkeypatch):
+    monkeypatch.setattr(AudioProcessor, "min_sample_rate", 20000)
+
+    assert AudioProcessor(tiny()).load((noise(1000), 16000)).shape == (1000,)
+
+
+def test_reversed_numpy_waveform_is_read():
+    waveform = noise(16000)
+
+    loaded = AudioProcessor(tiny()).load((waveform[::-1], 16000))
+
+    assert_close(loaded, torch.from_numpy(waveform[::-1].copy()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("waveform", "message"),
+    [
+        (torch.empty(1000, device="meta"), "meta tensor"),
+        (torch.zeros(1000).to_sparse(), "sparse"),
+    ],
+)
+def test_tensors_without_samples_are_refused(waveform, message):
+    with pytest.raises(InputError, match=rf"audio 0 \(.*{message}"):
+        AudioProcessor(tiny())([(waveform, 16000)])

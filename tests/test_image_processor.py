@@ -420,3 +420,22 @@ def test_float_image_with_nan_or_inf_is_refused(processor, tmp_path, bad):
         processor([picture(), img])
     with pytest.raises(InputError, match=r"float\.tiff': the mode-F .*NaN or infinite"):
         processor.load(path)
+
+
+def test_arrays_and_tensors_over_the_pixel_limit_are_refused(processor):
+    view = np.lib.stride_tricks.as_strided(np.zeros(3, np.uint8), (20000, 20000, 3), (0, 0, 1))  # no memory
+
+    with pytest.raises(InputError, match=r"^image 1 \(numpy array .* 20000x20000 = 400,000,000 pixels, more than"):
+        processor([picture(), view])
+    processor.max_pixels = 100
+    with pytest.raises(InputError, match=r"torch tensor .* 11x10 = 110 pixels, more than the limit of 100"):
+        processor.load(torch.zeros(3, 10, 11))
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [(torch.zeros(3, 4, 4, device="meta"), "meta tensor"), (torch.zeros(3, 4, 4).to_sparse(), "sparse")],
+)
+def test_tensors_without_pixels_are_refused(processor, tensor, message):
+    with pytest.raises(InputError, match=rf"^image 0 \(torch tensor .*{message}"):
+        processor([tensor])
