@@ -11,6 +11,7 @@ are shrunk while decoding (JPEG's DCT scaling) or right after (a box reduction),
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 # Modes that carry an alpha channel; PIL converts each of them to RGBA.
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+# What PIL raises on a damaged file, opening or decoding it.
+_PIL_PARSE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 # PIL's own limit (Image.MAX_IMAGE_PIXELS: about 9459 x 9459); PIL warns above it and refuses above twice it.
 DEFAULT_MAX_PIXELS = 89_478_485
 # An image is shrunk before the transform only to at least this many times the size the transform resizes it to,
@@ -183,9 +186,11 @@ class ImageProcessor:
                     _decode(img, name)
                     # a new image, which outlives the file that `with` closes
                     return self._shrink_upright(img)
+        except InputError:
+            raise
         except Image.DecompressionBombError as e:
             raise InputError(f"{name}: {e} (PIL's own limit, twice PIL.Image.MAX_IMAGE_PIXELS)") from None
-        except OSError as e:
+        except _PIL_PARSE_ERRORS as e:  # PIL's header parsers raise these on a damaged file (a PPM header: ValueError)
             raise InputError(f"{name}: not a readable image file ({e})") from e
 
     def _check_size(self, img: Image.Image, name: str) -> None:
@@ -252,7 +257,7 @@ def _decode(img: Image.Image, name: str) -> None:
         img.load()
     except Image.DecompressionBombError as e:  # a GIF frame or TIFF tile larger than PIL allows
         raise InputError(f"{name}: {e} (PIL's own limit, twice PIL.Image.MAX_IMAGE_PIXELS)") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except _PIL_PARSE_ERRORS as e:
         raise InputError(f"{name}: corrupt or truncated image ({e})") from e
 
 

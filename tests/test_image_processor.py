@@ -439,3 +439,11 @@ def test_arrays_and_tensors_over_the_pixel_limit_are_refused(processor):
 def test_tensors_without_pixels_are_refused(processor, tensor, message):
     with pytest.raises(InputError, match=rf"^image 0 \(torch tensor .*{message}"):
         processor([tensor])
+
+
+def test_damaged_header_that_pil_parses_with_value_error_names_the_file(processor, tmp_path):
+    path = tmp_path / "broken.ppm"
+    path.write_bytes(b"P6\n20 24\n25a\n" + bytes(20 * 24 * 3))  # PIL: invalid literal for int() (a ValueError)
+
+    with pytest.raises(InputError, match=r"^image 1 \('.*broken\.ppm'\): not a readable image file"):
+        processor([picture(), path])
