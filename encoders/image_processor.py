@@ -2,16 +2,23 @@
 
 Loading converts every input to an 8-bit PIL image in RGB (or L for one-channel models); resizing, cropping and
 normalising are timm's own eval transform, built from the encoder's `data_config`.
+
+Images larger than `ImageProcessor.max_pixels` are refused, files and PIL images before they are decoded
+(decompression bombs: a 17 KB PNG can hold 12000x12000 pixels), and images much larger than the transform needs
+are shrunk while decoding (JPEG's DCT scaling) or right after (a box reduction), as PIL's `thumbnail` does.
 """
 
 from __future__ import annotations
 
+import math
+import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 
 from mmfm.errors import ConfigError, InputError
@@ -21,6 +28,25 @@ ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 # Modes that carry an alpha channel; PIL converts each of them to RGBA.
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+# What PIL raises on a damaged file, opening or decoding it.
+_PIL_PARSE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+# PIL's own limit (Image.MAX_IMAGE_PIXELS: about 9459 x 9459); PIL warns above it and refuses above twice it.
+DEFAULT_MAX_PIXELS = 89_478_485
+# An image is shrunk before the transform only to at least this many times the size the transform resizes it to,
+# so the transform's antialiased resize still does the final reduction (PIL's `reducing_gap`).
+_REDUCING_GAP = 2
+# Modes `Image.reduce` handles and for which box-averaging commutes with `_to_mode` (alpha is premultiplied).
+_REDUCIBLE_MODES = ("L", "RGB", "RGBA", "LA")
+# EXIF orientation -> the transpose that makes the image upright (ImageOps.exif_transpose's table).
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageProcessor:
@@ -30,7 +56,13 @@ class ImageProcessor:
         data_config: timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode).
         in_chans: 3 (images become RGB) or 1 (images become L).
         transform: timm's eval transform, PIL image -> (in_chans, H, W) float32 tensor.
+        max_pixels: the largest width x height of an image that is loaded (default
+            89,478,485, PIL's `Image.MAX_IMAGE_PIXELS`); None lifts the limit. Set it on the class
+            (`ImageProcessor.max_pixels = 200_000_000`) or on one processor (`model.processors["image"]`). PIL
+            itself refuses images above twice `PIL.Image.MAX_IMAGE_PIXELS`: raise that too for larger images.
     """
+
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     @classmethod
     def for_encoder(cls, encoder: Any, config: Any) -> ImageProcessor:
@@ -58,6 +90,7 @@ class ImageProcessor:
         self.data_config = data_config
         self.in_chans = in_chans
         self.transform = create_transform(**data_config, is_training=False)
+        self._shrink_to = _transform_resize_bound(data_config)
 
     def __call__(self, images: ImageInput | list[ImageInput] | tuple[ImageInput, ...]) -> Tensor:
         """Loads and transforms a batch of images.
@@ -88,13 +121,19 @@ class ImageProcessor:
               (divided by 257 to 8 bit) or float in [0, 1].
             - a torch tensor: CxHxW with C in 1, 3, 4, or HxW; uint8, or float in [0, 1].
 
-        Floats are rounded to 8 bit. Files and PIL images are turned upright by their EXIF orientation tag. Modes:
+        Floats are rounded to 8 bit. Files and PIL images are turned upright by their EXIF orientation tag. Images
+        with more than `max_pixels` pixels are refused (files and PIL images before decoding). A file or PIL image whose
+        sides are both at least twice what the transform resizes them to is shrunk first, keeping each side at
+        least twice that: JPEG files decode at 1/2, 1/4 or 1/8 scale, and L/RGB/RGBA/LA images are then
+        box-reduced by an integer factor (the transform's result differs from the full-size one by a few levels).
+        Modes:
             - L, LA, 1 (greyscale): replicated over R, G and B.
             - RGBA, LA, PA and images with a transparency key (P, L or RGB): composited over a white background.
             - P (palette): expanded through its palette.
             - I;16 (16-bit greyscale): divided by 257, then treated as L.
             - I (32-bit integer greyscale): clipped to 0..65535, divided by 257, then treated as L.
-            - F (32-bit float greyscale): taken to lie in [0, 1], clipped to it and scaled to 0..255, then as L.
+            - F (32-bit float greyscale): taken to lie in [0, 1], clipped to it and scaled to 0..255, then as L;
+              NaN or infinite pixels are an error.
             - CMYK, YCbCr, LAB, HSV: PIL's own conversion.
             For in_chans == 1, colour images are reduced to L with PIL's ITU-R 601-2 luma transform.
 
@@ -106,22 +145,95 @@ class ImageProcessor:
             A new PIL image in mode RGB or L.
 
         Raises:
-            InputError: the file is missing or is not a readable image, or the array has an unsupported dtype,
-                shape or value range; the message names the input.
+            InputError: the file is missing or is not a readable image, it has more than `max_pixels` pixels, a
+                mode-F image has NaN or infinite pixels, or the array has an unsupported dtype, shape or value
+                range; the message names the input.
         """
         name = _describe(item, index)
         if isinstance(item, (str, Path)):
-            img = _open(Path(item), name)
+            img = self._open(Path(item), name)
         elif isinstance(item, Image.Image):
-            _decode(item, name)
-            img = ImageOps.exif_transpose(item)
+            self._check_size(item, name)
+            _decode(item, name)  # the caller's image: decoded at full size, never drafted
+            img = self._shrink_upright(item)
         elif isinstance(item, np.ndarray):
+            if item.ndim in (2, 3):
+                self._check_pixels(item.shape[1], item.shape[0], name)
             img = _from_numpy(item, name)
         elif isinstance(item, Tensor):
+            if item.ndim in (2, 3):
+                self._check_pixels(item.shape[-1], item.shape[-2], name)
             img = _from_numpy(_tensor_to_hwc(item, name), name)
         else:
             raise InputError(f"{name}: expected a path, PIL image, numpy array or torch tensor")
-        return _to_mode(img, "RGB" if self.in_chans == 3 else "L")
+        return _to_mode(img, "RGB" if self.in_chans == 3 else "L", name)
+
+    def _open(self, path: Path, name: str) -> Image.Image:
+        """Opens, checks the size of, decodes (shrunk where the transform allows) and turns upright an image file."""
+        if not path.exists():
+            raise InputError(f"{name}: file not found")
+        if not path.is_file():
+            raise InputError(f"{name}: not a file")
+        try:
+            with warnings.catch_warnings():
+                # PIL warns above its MAX_IMAGE_PIXELS; max_pixels decides, and PIL's error above twice it is caught.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    self._check_size(img, name)
+                    if img.format == "JPEG" and self._shrink_to is not None:
+                        bound = _REDUCING_GAP * self._shrink_to  # DCT scaling keeps both sides >= bound
+                        img.draft(None, (bound, bound))
+                    _decode(img, name)
+                    # a new image, which outlives the file that `with` closes
+                    return self._shrink_upright(img)
+        except InputError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise InputError(f"{name}: {e} (PIL's own limit, twice PIL.Image.MAX_IMAGE_PIXELS)") from None
+        except _PIL_PARSE_ERRORS as e:  # PIL's header parsers raise these on a damaged file (a PPM header: ValueError)
+            raise InputError(f"{name}: not a readable image file ({e})") from e
+
+    def _check_size(self, img: Image.Image, name: str) -> None:
+        """Refuses a PIL image of more than `max_pixels` pixels, before anything decodes it."""
+        self._check_pixels(img.width, img.height, name)
+
+    def _check_pixels(self, width: int, height: int, name: str) -> None:
+        """Refuses an image of more than `max_pixels` pixels."""
+        pixels = width * height
+        if self.max_pixels is not None and pixels > self.max_pixels:
+            raise InputError(
+                f"{name}: the image is {width}x{height} = {pixels:,} pixels, more than the limit of "
+                f"{self.max_pixels:,} (a decompression bomb?); ImageProcessor.max_pixels sets the limit"
+            )
+
+    def _shrink_upright(self, img: Image.Image) -> Image.Image:
+        """A new image: the decoded `img` box-reduced when the transform allows, turned upright by its EXIF tag.
+
+        The reduction factor is the largest integer keeping both sides >= the gap bound; images with a colour
+        key (which averaging would break) and modes `Image.reduce` cannot average are not reduced.
+        """
+        bound = None if self._shrink_to is None else _REDUCING_GAP * self._shrink_to
+        factor = 1 if bound is None else min(img.size) // bound
+        if factor < 2 or img.mode not in _REDUCIBLE_MODES or "transparency" in img.info:
+            return ImageOps.exif_transpose(img)
+        orientation = img.getexif().get(ExifTags.Base.Orientation)  # read before `reduce` drops the metadata
+        reduced = img.reduce(factor)
+        method = _EXIF_TRANSPOSE.get(orientation)
+        return reduced if method is None else reduced.transpose(method)
+
+
+def _transform_resize_bound(data_config: dict[str, Any]) -> int | None:
+    """The longest side timm's eval transform resizes an image to, or None when shrinking first is not safe.
+
+    Every crop mode (center, squash, border) resizes to at most floor(side / crop_pct) pixels per side, and the
+    crop that follows takes at most `input_size`; other options (a trimmed border, NaFlex) are left alone.
+    """
+    known = {"input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode"}
+    if set(data_config) - known or data_config.get("crop_mode") not in (None, "center", "squash", "border"):
+        return None
+    _, height, width = data_config["input_size"]
+    crop_pct = data_config.get("crop_pct") or 0.875  # timm's DEFAULT_CROP_PCT
+    return max(height, width, math.floor(max(height, width) / crop_pct))
 
 
 def _describe(item: object, index: int | None) -> str:
@@ -139,25 +251,13 @@ def _describe(item: object, index: int | None) -> str:
     return what if index is None else f"image {index} ({what})"
 
 
-def _open(path: Path, name: str) -> Image.Image:
-    if not path.exists():
-        raise InputError(f"{name}: file not found")
-    if not path.is_file():
-        raise InputError(f"{name}: not a file")
-    try:
-        with Image.open(path) as img:
-            _decode(img, name)
-            # exif_transpose returns a new image, which outlives the file that `with` closes.
-            return ImageOps.exif_transpose(img)
-    except OSError as e:
-        raise InputError(f"{name}: not a readable image file ({e})") from e
-
-
 def _decode(img: Image.Image, name: str) -> None:
     """Decodes the whole image now, so a truncated or corrupt file fails here rather than mid-transform."""
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:  # a GIF frame or TIFF tile larger than PIL allows
+        raise InputError(f"{name}: {e} (PIL's own limit, twice PIL.Image.MAX_IMAGE_PIXELS)") from None
+    except _PIL_PARSE_ERRORS as e:
         raise InputError(f"{name}: corrupt or truncated image ({e})") from e
 
 
@@ -167,6 +267,10 @@ def _tensor_to_hwc(tensor: Tensor, name: str) -> np.ndarray:
         raise InputError(f"{name}: expected a CxHxW tensor with C in 1, 3, 4, or an HxW tensor")
     if tensor.dtype != torch.uint8 and not tensor.is_floating_point():
         raise InputError(f"{name}: expected dtype uint8 (0..255) or a float dtype (0..1)")
+    if tensor.is_meta:
+        raise InputError(f"{name}: a meta tensor holds no pixels")
+    if tensor.layout != torch.strided:
+        raise InputError(f"{name}: a {tensor.layout} tensor; pass a dense one")
     tensor = tensor.detach().cpu()
     if tensor.is_floating_point():
         tensor = tensor.float()  # numpy has no bfloat16
@@ -205,12 +309,15 @@ def _uint16_to_uint8(array: np.ndarray) -> np.ndarray:
     return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
-def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+def _to_mode(img: Image.Image, mode: str, name: str) -> Image.Image:
     """Converts any PIL image to a new 8-bit RGB or L image, as `ImageProcessor.load` documents."""
     if img.mode.startswith("I;16") or img.mode == "I":
         img = Image.fromarray(_uint16_to_uint8(np.clip(np.asarray(img).astype(np.int64), 0, 65535)))
     elif img.mode == "F":
-        img = Image.fromarray(np.round(np.clip(np.asarray(img), 0, 1) * 255).astype(np.uint8))
+        values = np.asarray(img)
+        if not np.isfinite(values).all():
+            raise InputError(f"{name}: the mode-F (float) image contains NaN or infinite pixels")
+        img = Image.fromarray(np.round(np.clip(values, 0, 1) * 255).astype(np.uint8))
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

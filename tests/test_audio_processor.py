@@ -1,5 +1,7 @@
 """AudioProcessor: loading, downmix, resampling, AST's kaldi fbank front-end, pad/crop, and input errors."""
 
+import resource
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import torchaudio.functional
 from torch.testing import assert_close
 
 from mmfm.config import AudioEncoderConfig
-from mmfm.encoders.audio_processor import AudioProcessor
+from mmfm.encoders.audio_processor import AudioProcessor, _sinc_resample
 from mmfm.errors import InputError
 
 
@@ -287,3 +289,153 @@ def test_empty_batch_and_non_items_are_rejected():
         processor([(noise(1000), 16000), [noise(1000), 16000]])
     with pytest.raises(InputError, match=r"audio 0 \(ndarray\): a bare waveform has no sample rate"):
         processor([noise(1000), noise(1000)])
+
+
+# ---- hostile and careless input (issue 11): bounded resampling, supported rates, loud clips ----
+
+COMMON_RATES = [8000, 11025, 22050, 32000, 44100, 48000, 96000]
+
+
+@pytest.mark.parametrize("rate", COMMON_RATES)
+def test_common_rates_resample_exactly_as_torchaudio(rate):
+    waveform = noise(rate // 10, seed=rate)
+
+    loaded = AudioProcessor(tiny()).load((waveform, rate))
+
+    assert_close(loaded, torchaudio.functional.resample(torch.from_numpy(waveform), rate, 16000), rtol=0, atol=0)
+
+
+# 16496 / 16000 = 1031 / 1000 and 10010 / 16000 = 1001 / 1600 take the tap-by-tap path in `load`.
+@pytest.mark.parametrize("rate", [*COMMON_RATES, 16496, 10010])
+def test_tap_by_tap_resampler_equals_torchaudio_filter(rate):
+    # The path taken for rates whose ratio does not reduce to small terms, checked where torchaudio is affordable:
+    # to float32 rounding against torchaudio's filter computed in float64, and within torchaudio's own float32 error.
+    waveform = torch.from_numpy(noise(rate // 10, seed=rate))  # 0.1 s
+    reference64 = torchaudio.functional.resample(waveform.double(), rate, 16000)
+
+    out = _sinc_resample(waveform, rate, 16000)
+
+    assert out.dtype == torch.float32 and out.shape == reference64.shape
+    assert_close(out.double(), reference64, rtol=0, atol=1e-6)
+    assert_close(out, torchaudio.functional.resample(waveform, rate, 16000), rtol=0, atol=1e-4)
+
+
+def test_tap_by_tap_resampler_upsamples_and_keeps_leading_dims():
+    stereo = torch.from_numpy(noise(1600, channels=2).T.copy())  # (2, T)
+
+    out = _sinc_resample(stereo, 16000, 44100)
+
+    assert out.shape == (2, 4410)
+    assert_close(out.double(), torchaudio.functional.resample(stereo.double(), 16000, 44100), rtol=0, atol=1e-6)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@pytest.mark.parametrize("rate", [1000, 1001, 16001, 22051, 44099, 48001, 96001, 383999, 384000])
+def test_any_rate_resamples_in_bounded_time_and_memory(rate):
+    # torchaudio alone: 16001 Hz took 8.5 s and +4.1 GB for 0.1 s, 48001 Hz over 40 s and 9.8 GB.
+    processor = AudioProcessor(tiny())
+    waveform = noise(rate, seed=rate)  # 1 s
+    processor.load((waveform[:100], rate))  # warm up
+    rss_before = peak_rss_mb()
+    start = time.perf_counter()
+
+    loaded = processor.load((waveform, rate))
+
+    assert time.perf_counter() - start < 1.5
+    assert peak_rss_mb() - rss_before < 200
+    assert loaded.shape == (16000,)
+    assert loaded.isfinite().all()
+
+
+def test_odd_rate_resampling_keeps_a_tone():
+    # 16001 -> 16000 Hz is nearly the identity: a 440 Hz tone stays a 440 Hz tone of the same level.
+    seconds = np.arange(16001) / 16001
+    tone = (0.5 * np.sin(2 * np.pi * 440 * seconds)).astype(np.float32)
+
+    loaded = AudioProcessor(tiny()).load((tone, 16001))
+
+    expected = 0.5 * torch.sin(2 * torch.pi * 440 * torch.arange(16000, dtype=torch.float64) / 16000)
+    assert_close(loaded[200:-200].double(), expected[200:-200], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("rate", [1, 999, 384001, 10**9])
+def test_rates_outside_the_supported_range_are_refused(rate):
+    processor = AudioProcessor(tiny())
+
+    with pytest.raises(InputError, match=rf"audio 1 \(.*sample rate {rate} Hz is outside .*1000\.\.384000 Hz"):
+        processor([(noise(16000), 16000), (noise(1000), rate)])
+
+
+def test_file_at_a_rate_outside_the_range_names_the_file(tmp_path: Path):
+    path = tmp_path / "slow.wav"
+    soundfile.write(path, noise(500), 500)
+
+    with pytest.raises(InputError, match=r"slow\.wav.*sample rate 500 Hz is outside"):
+        AudioProcessor(tiny())([path])
+
+
+def test_supported_range_is_configurable(monkeypatch):
+    processor = AudioProcessor(tiny())
+    processor.min_sample_rate = 500
+    assert processor.load((noise(500), 500)).shape == (16000,)
+
+    monkeypatch.setattr(AudioProcessor, "max_sample_rate", 96000)
+    with pytest.raises(InputError, match=r"outside the supported range 1000\.\.96000 Hz"):
+        AudioProcessor(tiny()).load((noise(1000), 192000))
+
+
+@pytest.mark.parametrize("amplitude", [1e11, 1e25, 3e38])
+def test_absurdly_loud_audio_is_refused_by_name(amplitude):
+    loud = (np.sign(noise(16000)) * amplitude).astype(np.float32)
+    processor = AudioProcessor(tiny())
+
+    with pytest.raises(InputError, match=r"audio 1 \(.*peak amplitude .* above the limit 1e\+10"):
+        processor([(noise(16000), 16000), (loud, 16000)])
+
+
+def test_loud_but_plausible_audio_is_accepted():
+    # floats on int16's scale (what some loaders return) are loud but give finite features
+    int16_scaled = noise(16000) * 65535
+
+    features = AudioProcessor(tiny())([(int16_scaled, 16000)])
+
+    assert features.isfinite().all()
+
+
+def test_features_check_they_are_finite():
+    processor = AudioProcessor(tiny())
+    too_loud = torch.from_numpy(np.sign(noise(16000)) * 1e25).float()
+
+    with pytest.raises(InputError, match=r"audio 4: the log-mel features contain NaN or Inf"):
+        processor.features(too_loud, index=4)
+    with pytest.raises(InputError, match=r"^audio: the log-mel features contain NaN or Inf"):
+        processor.features(too_loud)
+
+
+def test_the_model_rate_needs_no_range_check(monkeypatch):
+    monkeypatch.setattr(AudioProcessor, "min_sample_rate", 20000)
+
+    assert AudioProcessor(tiny()).load((noise(1000), 16000)).shape == (1000,)
+
+
+def test_reversed_numpy_waveform_is_read():
+    waveform = noise(16000)
+
+    loaded = AudioProcessor(tiny()).load((waveform[::-1], 16000))
+
+    assert_close(loaded, torch.from_numpy(waveform[::-1].copy()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("waveform", "message"),
+    [
+        (torch.empty(1000, device="meta"), "meta tensor"),
+        (torch.zeros(1000).to_sparse(), "sparse"),
+    ],
+)
+def test_tensors_without_samples_are_refused(waveform, message):
+    with pytest.raises(InputError, match=rf"audio 0 \(.*{message}"):
+        AudioProcessor(tiny())([(waveform, 16000)])

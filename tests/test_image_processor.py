@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import resource
+import struct
+import time
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from timm.data import create_transform
 
 from mmfm.encoders.image_processor import ImageProcessor
@@ -262,3 +267,183 @@ def test_empty_batch_is_an_error(processor):
 def test_statistics_must_match_channels(in_chans):
     with pytest.raises(ConfigError, match="in_chans"):
         ImageProcessor(DATA_CONFIG, in_chans=in_chans)
+
+
+# ---- hostile and careless input (issue 11): decompression bombs, shrinking while decoding, float NaN ----
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(path: Path, side: int) -> Path:
+    """A valid all-black side x side greyscale PNG of about side * 12 bytes (12000 x 12000: 140 KB, 144 MB decoded).
+
+    The zlib stream repeats one compressed block of 1000 rows: a full flush makes each block independent.
+    """
+    assert side % 1000 == 0
+    rows = b"\x00" * ((side + 1) * 1000)  # 1000 rows, each a filter byte and `side` pixels
+    compressor = zlib.compressobj(9)
+    first = compressor.compress(rows) + compressor.flush(zlib.Z_FULL_FLUSH)
+    repeat = compressor.compress(rows) + compressor.flush(zlib.Z_FULL_FLUSH)
+    checksum = 1
+    for _ in range(side // 1000):
+        checksum = zlib.adler32(rows, checksum)
+    stream = first + repeat * (side // 1000 - 1) + b"\x03\x00" + struct.pack(">I", checksum)  # final empty block
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    png = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", stream) + png_chunk(b"IEND", b"")
+    path.write_bytes(png)
+    return path
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def test_decompression_bomb_is_refused_by_name_before_decoding(processor, tmp_path):
+    bomb = bomb_png(tmp_path / "bomb.png", 12000)  # was +700 MB and PIL's DecompressionBombWarning
+    assert bomb.stat().st_size < 200_000
+    rss_before = peak_rss_mb()
+    start = time.perf_counter()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even PIL's DecompressionBombWarning
+        with pytest.raises(InputError, match=r"12000x12000 = 144,000,000 pixels, more than the limit of 89,478,485"):
+            processor([picture(), bomb])
+        with pytest.raises(InputError, match=r"^image 1 \('.*bomb\.png'\): .*ImageProcessor\.max_pixels"):
+            processor([picture(), str(bomb)])
+    with pytest.warns(Image.DecompressionBombWarning):
+        lazy = Image.open(bomb)  # a PIL image not yet decoded is checked too
+    with lazy, pytest.raises(InputError, match=r"PIL image of mode L and size 12000x12000"):
+        processor.load(lazy)
+
+    assert time.perf_counter() - start < 1.0
+    assert peak_rss_mb() - rss_before < 100
+
+
+def test_pixel_limit_is_configurable(processor, tmp_path, monkeypatch):
+    path = save_png(Image.fromarray(picture(40, 56)), tmp_path / "small.png")
+
+    processor.max_pixels = 40 * 56 - 1
+    with pytest.raises(InputError, match=r"small\.png': the image is 56x40 = 2,240 pixels, more than the limit of"):
+        processor.load(path)
+    processor.max_pixels = 40 * 56
+    assert processor.load(path).size == (56, 40)
+
+    monkeypatch.setattr(ImageProcessor, "max_pixels", 100)
+    with pytest.raises(InputError, match="more than the limit of 100"):
+        ImageProcessor(DATA_CONFIG).load(Image.fromarray(picture()))
+
+
+def test_pil_own_bomb_error_is_an_input_error(processor, tmp_path, monkeypatch):
+    # PIL refuses images above twice Image.MAX_IMAGE_PIXELS whatever max_pixels says; that is an InputError too.
+    path = save_png(Image.fromarray(picture(40, 56)), tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    processor.max_pixels = None
+
+    with pytest.raises(InputError, match=r"small\.png'\): .*PIL.Image.MAX_IMAGE_PIXELS"):
+        processor([path])
+
+
+def smooth_picture(height: int, width: int) -> np.ndarray:
+    """A smooth, asymmetric RGB picture, (H, W, 3) uint8: shrinking it first changes little."""
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    rgb = np.stack([np.sin(6 * x) * 0.5 + 0.5, np.cos(5 * y) * 0.5 + 0.5, (x + y) / 2], axis=2)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "png"])
+def test_large_files_are_shrunk_while_decoding(processor, tmp_path, suffix):
+    # The transform resizes to 40 px (32 / crop_pct 0.8): an 800x640 file is decoded (JPEG at 1/8 scale) or
+    # box-reduced (PNG, by 8) to 100x80, at least twice 40 on each side, and gives the full-size result to a level.
+    path = tmp_path / f"big.{suffix}"
+    Image.fromarray(smooth_picture(640, 800)).save(path, quality=95)
+    with Image.open(path) as img:
+        full_size = processor.transform(img.convert("RGB"))
+
+    loaded = processor.load(path)
+    out = processor([path])[0]
+
+    assert loaded.size == (100, 80)
+    std = torch.tensor(DATA_CONFIG["std"])[:, None, None]
+    assert ((out - full_size) * std * 255).abs().max() <= 1.5
+
+
+def test_shrinking_keeps_exif_orientation(processor, tmp_path):
+    array = smooth_picture(800, 1600)
+    array[:400, :800] = (255, 0, 0)  # a red top-left quarter
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # stored rotated: upright is 800 wide, 1600 high
+    path = tmp_path / "rotated.png"
+    Image.fromarray(array).save(path, exif=exif)
+    with Image.open(path) as img:
+        upright = np.asarray(ImageOps.exif_transpose(img).convert("RGB").reduce(10))
+
+    loaded = processor.load(path)
+
+    assert loaded.size == (80, 160)
+    assert np.abs(np.asarray(loaded).astype(int) - upright).max() <= 1
+
+
+def test_colour_keyed_image_is_not_box_reduced(processor, tmp_path):
+    array = smooth_picture(400, 500)  # 5 times the 80 px kept
+    array[::2, ::2] = (1, 2, 3)  # the transparent colour
+    path = tmp_path / "keyed.png"
+    Image.fromarray(array).save(path, transparency=(1, 2, 3))
+
+    loaded = processor.load(path)
+
+    assert loaded.size == (500, 400)
+    assert np.asarray(loaded)[0, 0].tolist() == [255, 255, 255]
+
+
+def test_pil_image_of_the_caller_is_not_drafted(processor, tmp_path):
+    path = tmp_path / "big.jpg"
+    Image.fromarray(smooth_picture(400, 500)).save(path)
+
+    with Image.open(path) as img:
+        loaded = processor.load(img)
+        assert img.size == (500, 400)  # decoded at full size, then a reduced copy made
+    assert loaded.size == (100, 80)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_float_image_with_nan_or_inf_is_refused(processor, tmp_path, bad):
+    values = np.full((4, 5), 0.5, dtype=np.float32)
+    values[1, 2] = bad
+    img = Image.fromarray(values)
+    assert img.mode == "F"
+    path = tmp_path / "float.tiff"
+    img.save(path)
+
+    with pytest.raises(InputError, match=r"^image 1 \(PIL image of mode F.*NaN or infinite"):
+        processor([picture(), img])
+    with pytest.raises(InputError, match=r"float\.tiff': the mode-F .*NaN or infinite"):
+        processor.load(path)
+
+
+def test_arrays_and_tensors_over_the_pixel_limit_are_refused(processor):
+    view = np.lib.stride_tricks.as_strided(np.zeros(3, np.uint8), (20000, 20000, 3), (0, 0, 1))  # no memory
+
+    with pytest.raises(InputError, match=r"^image 1 \(numpy array .* 20000x20000 = 400,000,000 pixels, more than"):
+        processor([picture(), view])
+    processor.max_pixels = 100
+    with pytest.raises(InputError, match=r"torch tensor .* 11x10 = 110 pixels, more than the limit of 100"):
+        processor.load(torch.zeros(3, 10, 11))
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [(torch.zeros(3, 4, 4, device="meta"), "meta tensor"), (torch.zeros(3, 4, 4).to_sparse(), "sparse")],
+)
+def test_tensors_without_pixels_are_refused(processor, tensor, message):
+    with pytest.raises(InputError, match=rf"^image 0 \(torch tensor .*{message}"):
+        processor([tensor])
+
+
+def test_damaged_header_that_pil_parses_with_value_error_names_the_file(processor, tmp_path):
+    path = tmp_path / "broken.ppm"
+    path.write_bytes(b"P6\n20 24\n25a\n" + bytes(20 * 24 * 3))  # PIL: invalid literal for int() (a ValueError)
+
+    with pytest.raises(InputError, match=r"^image 1 \('.*broken\.ppm'\): not a readable image file"):
+        processor([picture(), path])
