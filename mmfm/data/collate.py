@@ -205,7 +205,7 @@ def process_media(modality: str, processor: Any, value: Any, index: int) -> Tens
         return value.float()
     if modality == "image":
         return processor.transform(processor.load(value, index=index))  # (C, H, W)
-    return processor.features(processor.load(value, index=index))  # (frames, mel)
+    return processor.features(processor.load(value, index=index), index=index)  # (frames, mel)
 
 
 def _processed_shape(modality: str, processor: Any) -> tuple[int, ...]:

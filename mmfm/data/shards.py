@@ -210,11 +210,10 @@ def _to_sample(item: dict[str, Any]) -> dict[str, Any]:
 
 def _decode_image(data: bytes, where: str) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        # the header only: the image processor checks its size against its pixel limit before decoding it
+        return Image.open(io.BytesIO(data))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"{where}: not a readable image ({e})") from None
-    return image
 
 
 def _decode_audio(data: bytes, where: str) -> tuple[np.ndarray, int]:
