@@ -318,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=_natural, default=0, metavar="N", help="also print N sample outputs per task"
     )
     evaluate.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="default: 64")
-    evaluate.add_argument("--out", metavar="FILE.json", help="also write the metrics as JSON")
+    evaluate.add_argument(
+        "--out", metavar="FILE.json", help="also write the metrics as JSON (its folder is created if missing)"
+    )
 
     summary = "Convert weights of another library (timm, open_clip, Hugging Face, AST, ...) into an mmfm checkpoint."
     conv = command("convert", summary, _CONVERT_EPILOG, _convert)
@@ -684,7 +686,7 @@ def _eval(args: argparse.Namespace) -> None:
     from mmfm.train.evaluate import evaluate_manifest
 
     if args.out:
-        _check_out(args.out, "metrics")  # before minutes of evaluation, not after
+        _check_out(args.out, "metrics", create_folder=True)  # before minutes of evaluation, not after
     model = _open_model(args, device=None, dtype=None)
     metrics, samples = evaluate_manifest(args.model, args.data, args.config, args.batch_size, args.samples, model=model)
     for name, value in metrics.items():
@@ -879,26 +881,29 @@ def _escaped(text: str) -> bool:
     return all(0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
-def _check_out(out: str, what: str) -> None:
-    """Refuses an --out that cannot be written (missing folder, a folder itself), before any work is done."""
+def _check_out(out: str, what: str, create_folder: bool = False) -> None:
+    """Refuses an --out that cannot be written (a missing folder, a folder itself), before any work is done.
+
+    With `create_folder`, a missing folder is created instead (as `mmfm eval --out` does).
+    """
     path = Path(out)
     folder = path.parent
+    where = f"--out {_quoted(out)}: cannot write the {what}"
     try:
-        folder_ok, is_dir = folder.is_dir(), path.is_dir()
-    except (OSError, ValueError) as e:
-        raise InputError(
-            f"--out {_quoted(out)}: cannot write the {what} ({getattr(e, 'strerror', None) or e})"
-        ) from None
-    if not folder_ok:
-        raise InputError(
-            f"--out {_quoted(out)}: cannot write the {what} (the folder {_quoted(str(folder))} does not exist)"
-        )
+        is_dir = path.is_dir()
+        if create_folder and not is_dir:
+            folder.mkdir(parents=True, exist_ok=True)
+        folder_exists = folder.is_dir()
+    except (OSError, ValueError) as e:  # a file where a folder should be, no permission, a name too long, a NUL
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None) if create_folder else None
+        reason = f"{_quoted(str(blocker))} is a file, not a folder" if blocker else getattr(e, "strerror", None) or e
+        raise InputError(f"{where} ({reason})") from None
     if is_dir:
-        raise InputError(f"--out {_quoted(out)}: cannot write the {what} (it is a folder; name a file)")
-    if not os.access(folder, os.W_OK):
-        raise InputError(
-            f"--out {_quoted(out)}: cannot write the {what} (the folder {_quoted(str(folder))} is not writable)"
-        )
+        raise InputError(f"{where} (it is a folder; name a file)")
+    if not folder_exists:
+        raise InputError(f"{where} (the folder {_quoted(str(folder))} does not exist)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{where} (the folder {_quoted(str(folder))} is not writable)")
 
 
 def _write_atomically(path: Path, text: str, what: str) -> None:

@@ -175,15 +175,28 @@ def test_a_non_finite_temperature_is_one_error_line_before_the_model_loads(capsy
 def test_an_out_that_cannot_be_written_fails_before_any_work(capsys, tmp_path, argv, what, problem):
     suffix = {"embeddings": ".npy", "image": ".png", "metrics": ".json"}[what]
     if problem == "missing folder":
-        out, reason = tmp_path / "missing" / f"x{suffix}", f"the folder {tmp_path / 'missing'} does not exist"
+        if what == "metrics":
+            pytest.skip("mmfm eval creates the folder of --out (see the next test)")
+        out, reason = tmp_path / "missing" / f"x{suffix}", f"(the folder {tmp_path / 'missing'} does not exist)"
     elif problem == "a folder":
-        out, reason = tmp_path / f"x{suffix}", "it is a folder"
+        out, reason = tmp_path / f"x{suffix}", "(it is a folder; name a file)"
         out.mkdir()
     else:
         (tmp_path / "file").write_text("")
-        out, reason = tmp_path / "file" / f"x{suffix}", "does not exist"
+        out = tmp_path / "file" / f"x{suffix}"
+        reason = f"({tmp_path / 'file'} is a file, not a folder)"
+        reason = reason if what == "metrics" else f"(the folder {tmp_path / 'file'} does not exist)"
     line = error_line(capsys, *[a.format(out=out) for a in argv])
-    assert line.startswith(f"mmfm: error: --out {out}: cannot write the {what} (") and reason in line
+    assert line == f"mmfm: error: --out {out}: cannot write the {what} {reason}"
+
+
+def test_eval_out_creates_its_folder_and_writes_the_printed_metrics(capsys, files, tiny_digits, tmp_path):
+    out = tmp_path / "new" / "deeper" / "metrics.json"
+    assert main(["eval", "--model", files["ckpt"], "--data", str(tiny_digits / "val.jsonl"), "--out", str(out)]) == 0
+    printed = dict(line.split(": ") for line in capsys.readouterr().out.splitlines())
+    written = json.loads(out.read_text())
+    assert {k: f"{v:.4f}" for k, v in written.items()} == printed
+    assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]  # no temporary file left beside it
 
 
 # ---- paths the system refuses, bombs, multi-line messages ----
