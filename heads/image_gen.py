@@ -33,6 +33,12 @@ from mmfm.config import ImageGenHeadConfig
 from mmfm.errors import ConfigError, InputError
 from mmfm.heads.image_gen_schedulers import make_scheduler
 from mmfm.objective import Objective, media_of
+from mmfm.text_generation import whole_number
+
+# The largest classifier-free guidance scale `sample` takes. Useful scales lie between 1 and about 20; far larger
+# ones push every pixel to black or white (1e30 made blank images), so they are refused as a mistake. Raise it by
+# assigning `mmfm.heads.image_gen.MAX_GUIDANCE_SCALE` if a model really needs more.
+MAX_GUIDANCE_SCALE = 100.0
 
 if TYPE_CHECKING:
     from mmfm.data import Batch
@@ -180,6 +186,51 @@ class ImageGenHead(nn.Module):
 
     # ---- sampling ----
 
+    def check_sampling(
+        self,
+        scheduler: str | SchedulerMixin | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images: int = 1,
+        image_size: int | None = None,
+        batch_size: int | None = None,
+    ) -> tuple[int, float, int, int, int | None, SchedulerMixin]:
+        """`sample`'s options checked and resolved against the config's defaults, before any work is done.
+
+        Returns:
+            (num_inference_steps, guidance_scale, num_images, image_size, batch_size, scheduler instance), as
+            plain Python numbers (numpy scalars are accepted).
+
+        Raises:
+            InputError: a value of the wrong type or out of range, or an unknown scheduler name, naming the option.
+        """
+        config = self.config
+        steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = config.guidance_scale if guidance_scale is None else guidance_scale
+        size = config.image_size if image_size is None else image_size
+        steps = whole_number("num_inference_steps", steps, 1, config.num_train_timesteps)
+        num_images = whole_number("num_images", num_images, 1)
+        size = whole_number("image_size", size, 1)
+        if batch_size is not None:
+            batch_size = whole_number("batch_size", batch_size, 1)
+        if (
+            isinstance(guidance, bool)
+            or not isinstance(guidance, numbers.Real)
+            or not 0 <= guidance <= MAX_GUIDANCE_SCALE
+        ):
+            raise InputError(
+                f"guidance_scale must be a finite number >= 0 and at most {MAX_GUIDANCE_SCALE:g} (1: no guidance; "
+                f"useful scales lie between 1 and about 20), got {guidance!r}"
+            )
+        problem = self.size_problem(size)
+        if problem:
+            raise InputError(f"image_size: {problem}")
+        if isinstance(scheduler, SchedulerMixin):
+            schedule = scheduler
+        else:
+            schedule = make_scheduler(config.scheduler if scheduler is None else scheduler, config)
+        return steps, float(guidance), num_images, size, batch_size, schedule
+
     @torch.no_grad()
     def sample(
         self,
@@ -205,8 +256,8 @@ class ImageGenHead(nn.Module):
             scheduler: a name ("ddpm", "ddim", "dpmsolver++", "euler"; default `config.scheduler`), or a
                 diffusers scheduler instance to use as it is (its timesteps are reset for every batch).
             num_inference_steps: denoising steps, 1 to `num_train_timesteps` (default `config.num_inference_steps`).
-            guidance_scale: classifier-free guidance scale >= 0; 1 runs the conditional branch only (default
-                `config.guidance_scale`).
+            guidance_scale: classifier-free guidance scale in [0, MAX_GUIDANCE_SCALE]; 1 runs the conditional
+                branch only (default `config.guidance_scale`).
             generator: draws the initial noise and any noise a scheduler adds; None uses torch's global RNG.
             num_images: images per condition, adjacent in the output.
             image_size: side of the images (default `config.image_size`); it must suit the denoiser (and VAE).
@@ -220,24 +271,9 @@ class ImageGenHead(nn.Module):
         Raises:
             InputError: a value out of range or an unknown scheduler name, naming the argument.
         """
-        config = self.config
-        steps = config.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = config.guidance_scale if guidance_scale is None else guidance_scale
-        size = config.image_size if image_size is None else image_size
-        _check_int("num_inference_steps", steps, 1, config.num_train_timesteps)
-        _check_int("num_images", num_images, 1)
-        _check_int("image_size", size, 1)
-        if batch_size is not None:
-            _check_int("batch_size", batch_size, 1)
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < math.inf:
-            raise InputError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance!r}")
-        problem = self.size_problem(size)
-        if problem:
-            raise InputError(f"image_size: {problem}")
-        if isinstance(scheduler, SchedulerMixin):
-            schedule = scheduler
-        else:
-            schedule = make_scheduler(config.scheduler if scheduler is None else scheduler, config)
+        steps, guidance, num_images, size, batch_size, schedule = self.check_sampling(
+            scheduler, num_inference_steps, guidance_scale, num_images, image_size, batch_size
+        )
         if cond.dim() != 3 or cond_mask.shape != cond.shape[:2]:
             raise InputError(
                 f"cond must be (B, L, D) with a (B, L) mask, got {tuple(cond.shape)} and {tuple(cond_mask.shape)}"
@@ -270,13 +306,6 @@ class ImageGenHead(nn.Module):
                     bar.update()
                 images.append(self.decode(x))
         return torch.cat(images)
-
-
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
-    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if not whole or value < low or (high is not None and value > high):
-        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise InputError(f"{name} must be a whole number {span}, got {value!r}")
 
 
 def _load_vae(config: ImageGenHeadConfig) -> AutoencoderKL:

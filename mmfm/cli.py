@@ -14,8 +14,11 @@ one batch; stdout only ever holds the results.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
+import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +33,16 @@ if TYPE_CHECKING:
 
 # A caption printed as-is could break the one-line-per-file output.
 _LINE_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+# The largest --labels-file read (one label per line; ImageNet-21k's 21,843 names take about 400 KB). A bigger file
+# is refused rather than read, as are folders, FIFOs and devices (/dev/zero would be read until memory ran out).
+MAX_LABELS_FILE_BYTES = 4 * 1024 * 1024
+
+# Arguments quoted in error messages are shortened to this many characters (a 5,000-character path stays readable).
+_QUOTE_LIMIT = 200
+
+# Options whose values are text for the model (read as UTF-8), as opposed to file names (any bytes the OS allows).
+_TEXT_OPTIONS = {"text": "--text", "prompt": "--prompt", "labels": "--labels", "overrides": "override"}
 
 _MODEL_HELP = (
     "a preset or shipped config name (`mmfm info --list`; random weights: for trying the command, not for real "
@@ -213,10 +226,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        _check_text_options(args)
         args.run(args)
     except MMFMError as e:
-        print(f"mmfm: error: {e}", file=sys.stderr)
+        _print_error(str(e))
         return getattr(e, "exit_code", 2)
+    except OSError as e:  # a file the user named could not be read or written: say which and why, in one line
+        _print_error(_os_error(e))
+        return 2
     return 0
 
 
@@ -297,9 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--config", metavar="RECIPE", help="take the tasks from this training recipe (default: the run's own)"
     )
-    evaluate.add_argument("--samples", type=int, default=0, metavar="N", help="also print N sample outputs per task")
+    evaluate.add_argument(
+        "--samples", type=_natural, default=0, metavar="N", help="also print N sample outputs per task"
+    )
     evaluate.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="default: 64")
-    evaluate.add_argument("--out", metavar="FILE.json", help="also write the metrics as JSON")
+    evaluate.add_argument(
+        "--out", metavar="FILE.json", help="also write the metrics as JSON (its folder is created if missing)"
+    )
 
     summary = "Convert weights of another library (timm, open_clip, Hugging Face, AST, ...) into an mmfm checkpoint."
     conv = command("convert", summary, _CONVERT_EPILOG, _convert)
@@ -309,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--model-name", metavar="NAME", help="the source's architecture name, where SRC does not say")
     conv.add_argument(
         "--base", default="mmfm-base", metavar="PRESET", help="preset for the parts SRC lacks (default: mmfm-base)"
+    )
+    conv.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into OUT even when it holds other files and is not an mmfm checkpoint",
     )
 
     summary = "Write a built-in dataset as files and JSONL manifests."
@@ -399,6 +425,16 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _natural(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -481,15 +517,19 @@ def _caption(args: argparse.Namespace) -> None:
         "seed": args.seed,
     }
     options = {k: v for k, v in options.items() if v is not None}
+    from mmfm.text_generation import GenerationConfig, check_seed
+
+    check_seed("--seed", args.seed)
+    GenerationConfig.from_options({k: v for k, v in options.items() if k != "prompt"})  # before the model loads
     model = _open_model(args)
     from mmfm.pipelines import caption
 
     captions = _run_grouped(inputs, lambda batch: caption(model, **batch, **options, **_batching(args)))
     for (path, _), text in zip(inputs, captions):
         if args.json:
-            _print_json({"input": path, "caption": text})
+            _print_json({"input": _display(path), "caption": text})
         else:
-            print(f"{path}\t{text.translate(_LINE_ESCAPES)}")
+            print(f"{_display(path)}\t{text.translate(_LINE_ESCAPES)}")
 
 
 def _classify(args: argparse.Namespace) -> None:
@@ -501,15 +541,18 @@ def _classify(args: argparse.Namespace) -> None:
     tops = _run_grouped(inputs, lambda batch: classify(model, **batch, labels=labels, **_batching(args)).top(args.top))
     for (path, _), top in zip(inputs, tops):
         if args.json:
-            _print_json({"input": path, "label": top[0][0], "top": [{"label": c, "probability": p} for c, p in top]})
+            record = {"input": _display(path), "label": top[0][0]}
+            _print_json({**record, "top": [{"label": c, "probability": p} for c, p in top]})
         else:
-            print("\t".join([path, *(f"{label} ({prob:.4f})" for label, prob in top)]))
+            print("\t".join([_display(path), *(f"{label} ({prob:.4f})" for label, prob in top)]))
 
 
 def _embed(args: argparse.Namespace) -> None:
     if bool(args.text) == bool(args.files):
         raise InputError("embed takes either --text (one or more) or FILE arguments, not both and not neither")
     inputs = [(text, "text") for text in args.text] if args.text else _expand_inputs(args.files)
+    if args.out is not None:
+        _check_out(args.out, "embeddings")
     model = _open_model(args)
     import torch
 
@@ -519,7 +562,7 @@ def _embed(args: argparse.Namespace) -> None:
     embeddings = torch.stack(rows).float().numpy()  # (N, E)
     if args.out is None:
         for (item, _), row in zip(inputs, embeddings.tolist()):
-            _print_json({"input": item, "embedding": row})
+            _print_json({"input": _display(item), "embedding": row})
         return
     import numpy as np
 
@@ -527,11 +570,12 @@ def _embed(args: argparse.Namespace) -> None:
         with open(args.out, "wb") as f:
             np.save(f, embeddings)
     except OSError as e:
-        raise InputError(f"--out {args.out}: cannot write the embeddings ({e.strerror})") from None
+        raise InputError(f"--out {_quoted(args.out)}: cannot write the embeddings ({e.strerror})") from None
     if args.json:
         for i, (item, _) in enumerate(inputs):
-            _print_json({"input": item, "out": args.out, "row": i})
-    print(f"mmfm: wrote {embeddings.shape[0]}x{embeddings.shape[1]} float32 embeddings to {args.out}", file=sys.stderr)
+            _print_json({"input": _display(item), "out": _display(args.out), "row": i})
+    shape = f"{embeddings.shape[0]}x{embeddings.shape[1]}"
+    print(f"mmfm: wrote {shape} float32 embeddings to {_display(args.out)}", file=sys.stderr)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -541,7 +585,11 @@ def _generate(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     if out.suffix.lower() not in Image.registered_extensions():
-        raise InputError(f"--out {args.out}: unknown image extension '{out.suffix}' (try .png)")
+        raise InputError(f"--out {_quoted(args.out)}: unknown image extension '{_quoted(out.suffix)}' (try .png)")
+    _check_out(args.out, "image")
+    from mmfm.text_generation import check_seed
+
+    check_seed("--seed", args.seed)
     if args.text:
         conditions = {"text": args.text}
     else:
@@ -568,13 +616,14 @@ def _generate(args: argparse.Namespace) -> None:
     try:
         picture.save(out)
     except (OSError, ValueError) as e:
-        raise InputError(f"--out {args.out}: cannot write the image ({e})") from None
+        raise InputError(f"--out {_quoted(args.out)}: cannot write the image ({e})") from None
     if args.json:
         for i, item in enumerate(items):
             cells = [divmod(i * args.num_images + j, columns) for j in range(args.num_images)]
-            _print_json({"input": item, "out": args.out, "cells": cells, "cell_size": list(images[0].size)})
+            record = {"input": _display(item), "out": _display(args.out), "cells": cells}
+            _print_json({**record, "cell_size": list(images[0].size)})
     what = "1 image" if len(images) == 1 else f"a grid of {len(images)} images"
-    print(f"mmfm: wrote {what} to {args.out}", file=sys.stderr)
+    print(f"mmfm: wrote {what} to {_display(args.out)}", file=sys.stderr)
 
 
 def _no_dataset(args: argparse.Namespace) -> None:  # unreachable: argparse requires DATASET
@@ -584,6 +633,8 @@ def _no_dataset(args: argparse.Namespace) -> None:  # unreachable: argparse requ
 def _data_digits(args: argparse.Namespace) -> None:
     from mmfm.data.digits import write_digits
 
+    if not 0 <= args.seed < 2**64:
+        raise InputError(f"--seed must be a whole number in [0, 2**64 - 1], got {_quoted(str(args.seed))}")
     try:
         out = write_digits(args.out, seed=args.seed)
     except OSError as e:
@@ -602,7 +653,14 @@ def _convert(args: argparse.Namespace) -> None:
     from mmfm.loader import from_converted
 
     if args.source not in list_sources():
-        raise InputError(f"--from {args.source}: unknown source (known: {', '.join(list_sources())})")
+        raise InputError(f"--from {_quoted(args.source)}: unknown source (known: {', '.join(list_sources())})")
+    from mmfm import loader
+
+    # Refuses an OUT that is SRC or lies inside it, and a non-mmfm folder without --overwrite, before anything is
+    # read. The check arrives with issue 11's checkpoint work (mmfm.loader.check_convert_output).
+    check_output = getattr(loader, "check_convert_output", None)
+    if check_output is not None:
+        check_output(args.src, args.out, overwrite=args.overwrite)
     kwargs = {}
     if args.model_name is not None:
         if "model_name" not in inspect.signature(get_converter(args.source)).parameters:
@@ -627,6 +685,8 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from mmfm.train.evaluate import evaluate_manifest
 
+    if args.out:
+        _check_out(args.out, "metrics", create_folder=True)  # before minutes of evaluation, not after
     model = _open_model(args, device=None, dtype=None)
     metrics, samples = evaluate_manifest(args.model, args.data, args.config, args.batch_size, args.samples, model=model)
     for name, value in metrics.items():
@@ -634,7 +694,7 @@ def _eval(args: argparse.Namespace) -> None:
     for line in samples:
         print(line.translate(_LINE_ESCAPES))
     if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2))
+        _write_atomically(Path(args.out), json.dumps(metrics, indent=2), "metrics")
 
 
 # ---- helpers ----
@@ -697,7 +757,11 @@ def _expand_inputs(paths: Sequence[str], modalities: Sequence[str] = tuple(MEDIA
     found = []
     for text in paths:
         path = Path(text)
-        if path.is_dir():
+        try:
+            is_dir, exists = path.is_dir(), path.exists()
+        except (OSError, ValueError) as e:
+            raise InputError(f"{_quoted(text)}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+        if is_dir:
             files = sorted(
                 p
                 for p in path.rglob("*")
@@ -706,12 +770,12 @@ def _expand_inputs(paths: Sequence[str], modalities: Sequence[str] = tuple(MEDIA
                 and p.is_file()
             )
             if not files:
-                raise InputError(f"{text}: no files of a known type in this folder or below ({kinds})")
+                raise InputError(f"{_quoted(text)}: no files of a known type in this folder or below ({kinds})")
             found += [(str(p), by_suffix[p.suffix.lower()]) for p in files]
-        elif not path.exists():
-            raise InputError(f"{text}: no such file or folder")
+        elif not exists:
+            raise InputError(f"{_quoted(text)}: no such file or folder")
         elif path.suffix.lower() not in by_suffix:
-            raise InputError(f"{text}: unknown file type '{path.suffix.lower()}'; {kinds}")
+            raise InputError(f"{_quoted(text)}: unknown file type '{_quoted(path.suffix.lower())}'; {kinds}")
         else:
             found.append((text, by_suffix[path.suffix.lower()]))
     return found
@@ -735,19 +799,156 @@ def _print_json(record: dict[str, Any]) -> None:
 
 
 def _read_labels(labels: str | None, labels_file: str | None) -> list[str] | None:
-    """Zero-shot labels from `--labels a,b,c` or a one-per-line `--labels-file`; None for the trained head."""
+    """Zero-shot labels from `--labels a,b,c` or a one-per-line `--labels-file`; None for the trained head.
+
+    Empty and repeated labels are refused (a repeated label would split its probability between the copies), as is
+    a labels file that is not a regular UTF-8 text file of at most `MAX_LABELS_FILE_BYTES`.
+    """
     if labels is not None:
-        return [label.strip() for label in labels.split(",")]
+        found = [(f"label {i}", label.strip()) for i, label in enumerate(labels.split(","), 1)]
+        return _distinct_labels("--labels", found)
     if labels_file is None:
         return None
+    where = f"--labels-file {_quoted(labels_file)}"
     try:
-        lines = Path(labels_file).read_text().splitlines()
+        with open(labels_file, "rb", opener=_nonblocking_opener) as f:
+            kind = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(kind):
+                what = "a folder" if stat.S_ISDIR(kind) else "not a regular file (a device, FIFO or socket)"
+                raise InputError(f"{where}: is {what}; expected a text file with one label per line")
+            data = f.read(MAX_LABELS_FILE_BYTES + 1)
     except OSError as e:
-        raise InputError(f"--labels-file {labels_file}: cannot be read ({e.strerror})") from None
-    found = [line.strip() for line in lines if line.strip()]
+        raise InputError(f"{where}: cannot be read ({e.strerror or e})") from None
+    if len(data) > MAX_LABELS_FILE_BYTES:
+        raise InputError(
+            f"{where}: is larger than {MAX_LABELS_FILE_BYTES // 2**20} MiB (mmfm.cli.MAX_LABELS_FILE_BYTES); "
+            "expected a text file with one label per line"
+        )
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise InputError(f"{where}: is binary (a NUL byte at offset {nul}), not one label per line")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where}: is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    found = [(f"line {i}", line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not found:
-        raise InputError(f"--labels-file {labels_file}: has no labels (expected one per line)")
-    return found
+        raise InputError(f"{where}: has no labels (expected one per line)")
+    return _distinct_labels(where, found)
+
+
+def _distinct_labels(where: str, found: list[tuple[str, str]]) -> list[str]:
+    """The labels of (position, label) pairs; an empty or repeated one is an InputError naming both positions."""
+    first: dict[str, str] = {}
+    for position, label in found:
+        if not label:
+            raise InputError(f"{where}: {position} is empty; separate labels with single commas")
+        key = " ".join(label.split())
+        if key in first:
+            raise InputError(
+                f"{where}: {position} repeats {_quoted(label)!r} of {first[key]}; each label must appear once "
+                "(copies would split its probability)"
+            )
+        first[key] = position
+    return [label for _, label in found]
+
+
+def _nonblocking_opener(path: str, flags: int) -> int:
+    """Opens without blocking, so that a FIFO named as a file is refused instead of waiting for a writer."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+def _check_text_options(args: argparse.Namespace) -> None:
+    """Refuses a text option (--text, --prompt, --labels, KEY=VALUE) whose bytes are not UTF-8, naming it.
+
+    Python hands undecodable argument bytes over as lone surrogates, which no tokenizer or YAML file can hold; file
+    names may hold any bytes and are left alone.
+    """
+    for attribute, option in _TEXT_OPTIONS.items():
+        values = getattr(args, attribute, None)
+        for value in [values] if isinstance(values, str) else values or []:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = os.fsencode(value[e.start : e.end]) if _escaped(value[e.start : e.end]) else b"?"
+                raise InputError(
+                    f"{option} {_quoted(value)}: is not valid UTF-8 text (the byte {bad!r} at character {e.start}); "
+                    "mmfm reads text arguments as UTF-8"
+                ) from None
+
+
+def _escaped(text: str) -> bool:
+    return all(0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
+def _check_out(out: str, what: str, create_folder: bool = False) -> None:
+    """Refuses an --out that cannot be written (a missing folder, a folder itself), before any work is done.
+
+    With `create_folder`, a missing folder is created instead (as `mmfm eval --out` does).
+    """
+    path = Path(out)
+    folder = path.parent
+    where = f"--out {_quoted(out)}: cannot write the {what}"
+    try:
+        is_dir = path.is_dir()
+        if create_folder and not is_dir:
+            folder.mkdir(parents=True, exist_ok=True)
+        folder_exists = folder.is_dir()
+    except (OSError, ValueError) as e:  # a file where a folder should be, no permission, a name too long, a NUL
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None) if create_folder else None
+        reason = f"{_quoted(str(blocker))} is a file, not a folder" if blocker else getattr(e, "strerror", None) or e
+        raise InputError(f"{where} ({reason})") from None
+    if is_dir:
+        raise InputError(f"{where} (it is a folder; name a file)")
+    if not folder_exists:
+        raise InputError(f"{where} (the folder {_quoted(str(folder))} does not exist)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{where} (the folder {_quoted(str(folder))} is not writable)")
+
+
+def _write_atomically(path: Path, text: str, what: str) -> None:
+    """Writes `text` to `path` through a temporary file beside it, so a failed write leaves no half file."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    except OSError as e:
+        temporary.unlink(missing_ok=True)
+        raise InputError(f"--out {_quoted(str(path))}: cannot write the {what} ({e.strerror or e})") from None
+
+
+def _display(text: str) -> str:
+    """`text` as valid UTF-8 for printing: bytes of a non-UTF-8 file name are shown as \\xNN escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _quoted(text: str) -> str:
+    """An argument as error messages quote it: printable, and shortened in the middle when very long."""
+    text = _display(text)
+    if len(text) > _QUOTE_LIMIT:
+        keep = _QUOTE_LIMIT // 2
+        text = f"{text[:keep]}...({len(text) - 2 * keep} characters)...{text[-keep:]}"
+    return text
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError about a file: its (shortened) name and the system's reason."""
+    reason = e.strerror or errno.errorcode.get(e.errno or 0) or str(e)
+    return f"{_quoted(str(e.filename))}: {reason}" if e.filename is not None else reason
+
+
+def _print_error(message: str) -> None:
+    """`mmfm: error: ...` as one printable line on stderr, whatever the message holds."""
+    line = " ".join(_display(message).splitlines())
+    print(f"mmfm: error: {line}", file=sys.stderr)
 
 
 def _human(count: int) -> str:

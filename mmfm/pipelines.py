@@ -9,10 +9,13 @@ thin forwards to these functions.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import os
+import reprlib
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -21,7 +24,7 @@ from tqdm.auto import tqdm
 from mmfm.config import DEFAULT_BATCH_SIZE, MEDIA
 from mmfm.decoding import CachedDecoder, RecomputingDecoder
 from mmfm.errors import InputError
-from mmfm.text_generation import GenerationConfig, generate
+from mmfm.text_generation import GenerationConfig, check_seed, finite_number, generate, whole_number
 
 # Pipelines take a `mmfm.model.MultimodalModel`; they are annotated `nn.Module` because the model's own
 # `caption`, `classify`, ... forward here, and the package keeps its imports free of cycles.
@@ -43,12 +46,14 @@ class Classification:
     classes: list[str]
 
     def top(self, k: int = 5) -> list[list[tuple[str, float]]]:
-        """The k most likely (class, probability) pairs of every item, best first."""
+        """The k most likely (class, probability) pairs of every item, best first (all classes if k exceeds them)."""
+        k = whole_number("k", k, 1)
         values, index = self.probs.topk(min(k, len(self.classes)), dim=-1)
         return [[(self.classes[i], p) for i, p in zip(ix, vs)] for ix, vs in zip(index.tolist(), values.tolist())]
 
     def above(self, threshold: float = 0.5) -> list[list[str]]:
         """Every class whose probability reaches `threshold`, per item (the multi-label reading)."""
+        threshold = finite_number("threshold", threshold)
         return [[self.classes[i] for i, p in enumerate(row) if p >= threshold] for row in self.probs.tolist()]
 
 
@@ -79,11 +84,10 @@ def caption(
         The generated text of every item, without the prompt.
     """
     model.head("caption")
+    GenerationConfig.from_options(generation, max_new_tokens=model.config.caption.max_new_tokens)  # fail early
     inputs = _media_inputs(model, images=images, audio=audio)
-    count = _count(inputs) if inputs else _prompt_count(prompt)
-    prompts = [prompt] * count if prompt is None or isinstance(prompt, str) else list(prompt)
-    if len(prompts) != count:
-        raise InputError(f"got {len(prompts)} prompts for {count} media items")
+    prompts = _prompts(prompt, _count(inputs) if inputs else None)
+    count = len(prompts)
     out: list[str] = []
     for rows in _batches(count, batch_size, progress, "caption"):
         media = _process(model, _rows(inputs, rows))
@@ -97,14 +101,11 @@ def caption_tensors(
 ) -> list[str]:
     """`caption` for one batch of already processed media: {"image": (B, C, H, W), "audio": (B, frames, mel)}."""
     model.head("caption")
-    batch = next(iter(media.values())).shape[0] if media else _prompt_count(prompt)
-    prompts = [prompt] * batch if prompt is None or isinstance(prompt, str) else list(prompt)
-    if len(prompts) != batch:
-        raise InputError(f"got {len(prompts)} prompts for {batch} media items")
+    config = GenerationConfig.from_options(generation, max_new_tokens=model.config.caption.max_new_tokens)
+    prompts = _prompts(prompt, next(iter(media.values())).shape[0] if media else None)
     max_length = model.config.text.max_length
-    ids, mask = model.tokenizer([p or "" for p in prompts], max_length, add_eos=False, padding_side="left")
+    ids, mask = model.tokenizer(prompts, max_length, add_eos=False, padding_side="left")
     seq = model.sequence(media, ids.to(model.device), mask.to(model.device))
-    config = GenerationConfig(**{"max_new_tokens": model.config.caption.max_new_tokens, **generation})
     if seq.mask.shape[1] + config.max_new_tokens > model.config.backbone.max_seq_len:
         raise InputError(
             f"prompt ({seq.mask.shape[1]} tokens) plus max_new_tokens ({config.max_new_tokens}) exceeds "
@@ -137,7 +138,7 @@ def classify(
         model: the model; it needs a classify head, or a contrastive head for zero-shot labels.
         images: paths, PIL images, arrays or tensors.
         audio: paths or (waveform, sample_rate) pairs; pass images or audio (both only for the trained head).
-        labels: zero-shot class names; None uses the trained head.
+        labels: zero-shot class names, a list of distinct non-empty strings; None uses the trained head.
         batch_size: items classified at once.
         progress: show a progress bar over the batches.
     """
@@ -152,9 +153,7 @@ def classify(
             ]
         )
     else:
-        classes = list(labels)
-        if not classes or not all(isinstance(c, str) and c for c in classes):
-            raise InputError(f"labels must be a non-empty list of non-empty strings, got {labels!r}")
+        classes = _labels(labels)
         head = model.head("contrastive")
         modality, items = _one_modality(model, images=images, audio=audio)
         prompts = [t.format(c) for c in classes for t in head.templates]
@@ -197,9 +196,7 @@ def embed(
     if text is not None:
         if images is not None or audio is not None:
             raise InputError("embed takes one modality at a time: text=, images= or audio=")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts:
-            raise InputError("text= is empty: pass at least one text")
+        texts = _texts(text)
         return _embed_texts(model, texts, batch_size, progress)
     modality, items = _one_modality(model, images=images, audio=audio)
     return torch.cat(
@@ -238,10 +235,11 @@ def generate_image(
         images: paths, PIL images, arrays or tensors, for image variations.
         audio: paths or (waveform, sample_rate) pairs.
         num_images: images per condition; the output holds them adjacently, condition by condition.
-        guidance_scale: classifier-free guidance scale >= 0, 1 for none (default `image_gen.guidance_scale`).
+        guidance_scale: classifier-free guidance scale in [0, `mmfm.heads.image_gen.MAX_GUIDANCE_SCALE`], 1 for
+            none (default `image_gen.guidance_scale`).
         num_inference_steps: denoising steps (default `image_gen.num_inference_steps`).
         scheduler: a name from `mmfm.config.SCHEDULERS` (default `image_gen.scheduler`).
-        seed: makes the images reproducible; give this or `generator`, not both.
+        seed: makes the images reproducible (a whole number of 64 bits); give this or `generator`, not both.
         generator: a torch generator for the noise (None and no seed: torch's global RNG).
         image_size: side of the images (default `image_gen.image_size`).
         batch_size: most images denoised at once (default: all of them).
@@ -251,12 +249,22 @@ def generate_image(
         len(conditions) * num_images PIL images (mode L or RGB, by `image_gen.channels`).
     """
     head = model.head("image_gen")
+    seed = check_seed("seed", seed)
     if seed is not None and generator is not None:
         raise InputError("pass seed= or generator=, not both")
+    sampling = dict(
+        scheduler=scheduler,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        num_images=num_images,
+        image_size=image_size,
+        batch_size=batch_size,
+    )
+    head.check_sampling(**sampling)  # before any media is read or the backbone runs
+    texts = None if text is None else _texts(text)
     media = _process(model, _media_inputs(model, images=images, audio=audio))
     ids = mask = None
-    if text is not None:
-        texts = [text] if isinstance(text, str) else list(text)
+    if texts is not None:
         ids, mask = model.tokenizer(texts, model.config.text.max_length)
         ids, mask = ids.to(model.device), mask.to(model.device)
         if media and next(iter(media.values())).shape[0] != len(texts):
@@ -266,18 +274,7 @@ def generate_image(
     if seed is not None:
         generator = torch.Generator(model.device).manual_seed(seed)
     cond, cond_mask = model.image_gen_condition(media, ids, mask)
-    pixels = head.sample(
-        cond,
-        cond_mask,
-        scheduler=scheduler,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        generator=generator,
-        num_images=num_images,
-        image_size=image_size,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    pixels = head.sample(cond, cond_mask, generator=generator, progress=progress, **sampling)
     return to_pil(pixels)
 
 
@@ -309,7 +306,7 @@ def _media_inputs(model: MultimodalModel, **inputs: Sequence[Any] | None) -> dic
             continue
         modality = by_argument[argument]
         model.require_modality(modality)
-        media[modality] = list(items)
+        media[modality] = _items(argument, items, modality)
         if not media[modality]:
             raise InputError(f"{argument}= is empty: pass at least one item")
     sizes = {m: len(items) for m, items in media.items()}
@@ -329,10 +326,118 @@ def _count(inputs: dict[str, list[Any]]) -> int:
     return len(next(iter(inputs.values())))
 
 
-def _prompt_count(prompt: str | Sequence[str | None] | None) -> int:
-    if prompt is None:
-        raise InputError("caption needs images=, audio= or a prompt")
-    return 1 if isinstance(prompt, str) else len(prompt)
+def _items(argument: str, items: object, modality: str) -> list[Any]:
+    """The raw media items of `images=` or `audio=` as a list; one item, a str or an unordered collection refused.
+
+    A list or tuple (any sequence) is taken as it is; for images also a 4-D array or tensor, as a batch along its
+    first dimension. A string or path would otherwise be read character by character, a dict by its keys, and a
+    set in an arbitrary order, so they are InputErrors that say what to pass instead.
+    """
+    what = "images" if modality == "image" else "audio items"
+    if isinstance(items, (np.ndarray, Tensor)):
+        if modality == "image" and items.ndim == 4:
+            return list(items)
+        hint = f"a list of {what}" + (" or a 4-D (B, ...) batch" if modality == "image" else "")
+        raise InputError(f"{argument}= got one {items.ndim}-D array; pass {hint}, e.g. {argument}=[array]")
+    if modality == "audio" and _is_audio_pair(items):
+        raise InputError(f"{argument}= got one (waveform, sample_rate) pair; pass a list of them: {argument}=[(w, sr)]")
+    if isinstance(items, (str, bytes, os.PathLike)):
+        raise InputError(
+            f"{argument}= must be a list of {what}, got the {type(items).__name__} {_shown(items)}; "
+            f"for one item pass {argument}=[{_shown(items)}]"
+        )
+    if not isinstance(items, Sequence):
+        raise InputError(f"{argument}= must be a list (or tuple) of {what}, got {_a(items)}{_why_not(items)}")
+    return list(items)
+
+
+def _texts(text: object) -> list[str]:
+    """`text=` as a list of strings: one string is one text; a list or tuple of strings; anything else refused."""
+    if isinstance(text, str):
+        return [text]
+    if not isinstance(text, Sequence) or isinstance(text, bytes):
+        raise InputError(f"text= must be a string or a list (or tuple) of strings, got {_a(text)}{_why_not(text)}")
+    texts = list(text)
+    if not texts:
+        raise InputError("text= is empty: pass at least one text")
+    for i, item in enumerate(texts):
+        if not isinstance(item, str):
+            raise InputError(f"text[{i}] must be a str, got {_a(item)}")
+    return texts
+
+
+def _prompts(prompt: object, count: int | None) -> list[str]:
+    """One prompt per item: `prompt` repeated `count` times when it is one string (or None), else its strings.
+
+    `count` is the number of media items, or None for captions from prompts alone.
+    """
+    if prompt is None or isinstance(prompt, str):
+        if count is None:
+            if prompt is None:
+                raise InputError("caption needs images=, audio= or a prompt")
+            count = 1
+        return [prompt or ""] * count
+    if not isinstance(prompt, Sequence) or isinstance(prompt, bytes):
+        raise InputError(f"prompt= must be a string or a list (or tuple) of strings, got {_a(prompt)}")
+    prompts = list(prompt)
+    for i, item in enumerate(prompts):
+        if not isinstance(item, str):
+            raise InputError(f"prompt[{i}] must be a str (use '' for no prompt), got {_a(item)}")
+    if count is not None and len(prompts) != count:
+        raise InputError(f"got {len(prompts)} prompts for {count} media items")
+    if not prompts:
+        raise InputError("prompt= is an empty list: pass one prompt, or images= or audio=")
+    return prompts
+
+
+def _labels(labels: object) -> list[str]:
+    """Zero-shot class names: a list or tuple of distinct, non-empty strings."""
+    if isinstance(labels, str):
+        names = [part.strip() for part in labels.split(",")] if "," in labels else [labels]
+        raise InputError(f"labels= must be a list of class names, got the str {_shown(labels)}; pass labels={names!r}")
+    if not isinstance(labels, Sequence) or isinstance(labels, bytes):
+        raise InputError(f"labels= must be a list (or tuple) of class names, got {_a(labels)}{_why_not(labels)}")
+    classes = list(labels)
+    if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
+        raise InputError(f"labels must be a non-empty list of non-empty strings, got {_shown(labels)}")
+    first: dict[str, int] = {}
+    for i, name in enumerate(classes):
+        key = " ".join(name.split())
+        if key in first:
+            raise InputError(
+                f"labels= names {name!r} twice (positions {first[key]} and {i}); each class must appear once, "
+                "or its copies split its probability between them"
+            )
+        first[key] = i
+    return classes
+
+
+def _is_audio_pair(item: object) -> bool:
+    return (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], (np.ndarray, Tensor))
+        and isinstance(item[1], (int, float, np.integer, np.floating))
+    )
+
+
+def _why_not(value: object) -> str:
+    """Why a non-sequence cannot stand for a list of items: the end of an error message."""
+    if isinstance(value, Mapping):
+        return " (its keys would be taken as the items)"
+    if isinstance(value, Set):
+        return " (its order is arbitrary; pass a list)"
+    return "; for one item pass a list of one"
+
+
+def _a(value: object) -> str:
+    """'a dict', 'an int', ... with a short repr of the value."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name} ({_shown(value)})"
+
+
+def _shown(value: object) -> str:
+    return reprlib.repr(value)
 
 
 def _rows(inputs: dict[str, list[Any]], rows: slice) -> dict[str, list[Any]]:
@@ -341,8 +446,7 @@ def _rows(inputs: dict[str, list[Any]], rows: slice) -> dict[str, list[Any]]:
 
 def _batches(count: int, batch_size: int, progress: bool, what: str) -> Iterator[slice]:
     """Slices of at most `batch_size` items covering `count` items, with an optional progress bar."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise InputError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    batch_size = whole_number("batch_size", batch_size, 1)
     starts = range(0, count, batch_size)
     for start in tqdm(starts, desc=what, unit="batch", disable=not progress or len(starts) < 2):
         yield slice(start, min(start + batch_size, count))

@@ -7,10 +7,15 @@ is its own business, which is what lets tests check cached against uncached deco
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+import difflib
+import math
+import numbers
+import reprlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,18 +59,86 @@ class GenerationConfig:
     use_cache: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_beams < 1:
-            raise InputError(f"num_beams must be >= 1, got {self.num_beams}")
+        # Each value is checked by name and stored as a plain Python value (numpy scalars are accepted), so a
+        # careless value is an InputError here rather than a TypeError or NaN probabilities mid-generation.
+        self.max_new_tokens = whole_number("max_new_tokens", self.max_new_tokens, 1)
+        self.num_beams = whole_number("num_beams", self.num_beams, 1)
+        self.do_sample = _flag("do_sample", self.do_sample)
+        self.use_cache = _flag("use_cache", self.use_cache)
         if self.num_beams > 1 and self.do_sample:
             raise InputError("beam search (num_beams > 1) does not sample; set do_sample=False")
-        if self.temperature <= 0:
-            raise InputError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.temperature = finite_number("temperature", self.temperature, above=0.0)
+        self.top_k = whole_number("top_k", self.top_k, 0)
+        self.top_p = finite_number("top_p", self.top_p, above=0.0, high=1.0)
+        self.length_penalty = finite_number("length_penalty", self.length_penalty)
+        self.seed = check_seed("seed", self.seed)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], **defaults: Any) -> GenerationConfig:
+        """A config from user keyword options over `defaults`; an unknown option is an InputError naming it."""
+        known = [f.name for f in fields(cls)]
+        for name in options:
+            if name not in known:
+                close = difflib.get_close_matches(str(name), known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise InputError(f"unknown generation option {name!r}{hint}; known: {', '.join(known)}")
+        return cls(**{**defaults, **options})
+
+
+# ---- argument checks shared by the generation APIs ----
+
+# What torch.Generator.manual_seed accepts: any 64-bit pattern, signed or unsigned.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def whole_number(name: str, value: object, low: int, high: int | None = None) -> int:
+    """`value` as an int (numpy integers included, bools and floats refused) in [low, high]; else InputError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name} must be a whole number, got {_shown(value)}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise InputError(f"{name} must be a whole number {span}, got {value}")
+    return value
+
+
+def finite_number(name: str, value: object, above: float | None = None, high: float | None = None) -> float:
+    """`value` as a finite float (ints and numpy numbers included) > above and <= high; else InputError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"{name} must be a number, got {_shown(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    if (above is not None and value <= above) or (high is not None and value > high):
+        bounds = [f"> {above}"] * (above is not None) + [f"<= {high}"] * (high is not None)
+        raise InputError(f"{name} must be {' and '.join(bounds)}, got {value}")
+    return value
+
+
+def check_seed(name: str, value: object) -> int | None:
+    """A seed as an int (numpy integers included) in `SEED_RANGE`, or None; else InputError naming `name`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name} must be a whole number, got {_shown(value)}")
+    low, high = SEED_RANGE
+    if not low <= int(value) <= high:
+        raise InputError(f"{name} must be a whole number in [-2**63, 2**64 - 1] (64 bits), got {_shown(value)}")
+    return int(value)
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name} must be True or False, got {_shown(value)}")
+    return bool(value)
+
+
+def _shown(value: object) -> str:
+    """A value for an error message, bounded in length (a huge int or a long list is not printed whole)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value).bit_length() > 128:
+        return f"an integer of {int(value).bit_length()} bits"
+    text = reprlib.repr(value)
+    return f"{text} ({type(value).__name__})" if isinstance(value, str) else text
 
 
 def generate(

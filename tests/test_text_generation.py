@@ -155,3 +155,55 @@ def test_suppressed_tokens_are_never_generated():
         out = generate(_MarkovState(table, first), GenerationConfig(max_new_tokens=4, num_beams=num_beams), 0, [1])
         assert out[0] and 1 not in out[0]
     assert generate(_MarkovState(table, first), GenerationConfig(max_new_tokens=4), 0, [1]) == [[2, 2, 2, 2]]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_new_tokens="3"),
+        dict(max_new_tokens=2.5),
+        dict(num_beams=2.0),
+        dict(top_k=1.5),
+        dict(temperature=float("nan"), do_sample=True),
+        dict(temperature=float("inf"), do_sample=True),
+        dict(temperature="1"),
+        dict(top_p=float("nan")),
+        dict(length_penalty=float("-inf")),
+        dict(do_sample=1),
+        dict(use_cache="no"),
+        dict(seed=2**64),
+        dict(seed=-(2**63) - 1),
+        dict(seed=3.0),
+        dict(seed=True),
+    ],
+)
+def test_values_of_the_wrong_kind_or_not_finite_are_input_errors_naming_the_field(kwargs):
+    (name,) = [k for k in kwargs if k != "do_sample"] or ["do_sample"]
+    with pytest.raises(InputError, match=f"^{name} must be"):
+        GenerationConfig(**kwargs)
+
+
+def test_numpy_values_are_accepted_and_stored_as_python_values():
+    import numpy as np
+
+    config = GenerationConfig(
+        max_new_tokens=np.int64(4),
+        top_k=np.int32(2),
+        temperature=np.float32(0.5),
+        do_sample=np.True_,
+        seed=np.uint64(7),
+    )
+    assert (config.max_new_tokens, config.top_k, config.temperature, config.do_sample, config.seed) == (
+        4,
+        2,
+        0.5,
+        True,
+        7,
+    )
+    assert all(type(v) in (int, float, bool) for v in (config.max_new_tokens, config.temperature, config.seed))
+
+
+def test_unknown_options_are_named_with_the_closest_known_one():
+    with pytest.raises(InputError, match="unknown generation option 'top_n' \\(did you mean 'top_p'\\?\\)"):
+        GenerationConfig.from_options({"top_n": 3})
+    assert GenerationConfig.from_options({"top_k": 3}, max_new_tokens=5).max_new_tokens == 5
