@@ -683,18 +683,18 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from mmfm.train.evaluate import evaluate_manifest
+    from mmfm.train.evaluate import evaluate_manifest, prepare_output
 
     if args.out:
-        _check_out(args.out, "metrics", create_folder=True)  # before minutes of evaluation, not after
+        prepare_output(args.out, "--out")  # before the model loads; evaluate_manifest checks again before computing
     model = _open_model(args, device=None, dtype=None)
-    metrics, samples = evaluate_manifest(args.model, args.data, args.config, args.batch_size, args.samples, model=model)
+    metrics, samples = evaluate_manifest(
+        args.model, args.data, args.config, args.batch_size, args.samples, model=model, out=args.out
+    )
     for name, value in metrics.items():
         print(f"{name}: {value:.4f}")
     for line in samples:
         print(line.translate(_LINE_ESCAPES))
-    if args.out:
-        _write_atomically(Path(args.out), json.dumps(metrics, indent=2), "metrics")
 
 
 # ---- helpers ----
@@ -881,40 +881,22 @@ def _escaped(text: str) -> bool:
     return all(0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
-def _check_out(out: str, what: str, create_folder: bool = False) -> None:
-    """Refuses an --out that cannot be written (a missing folder, a folder itself), before any work is done.
-
-    With `create_folder`, a missing folder is created instead (as `mmfm eval --out` does).
-    """
+def _check_out(out: str, what: str) -> None:
+    """Refuses an --out that cannot be written (a missing folder, a folder itself), before any work is done."""
     path = Path(out)
     folder = path.parent
     where = f"--out {_quoted(out)}: cannot write the {what}"
     try:
         is_dir = path.is_dir()
-        if create_folder and not is_dir:
-            folder.mkdir(parents=True, exist_ok=True)
         folder_exists = folder.is_dir()
-    except (OSError, ValueError) as e:  # a file where a folder should be, no permission, a name too long, a NUL
-        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None) if create_folder else None
-        reason = f"{_quoted(str(blocker))} is a file, not a folder" if blocker else getattr(e, "strerror", None) or e
-        raise InputError(f"{where} ({reason})") from None
+    except (OSError, ValueError) as e:  # no permission, a name too long, a NUL
+        raise InputError(f"{where} ({getattr(e, 'strerror', None) or e})") from None
     if is_dir:
         raise InputError(f"{where} (it is a folder; name a file)")
     if not folder_exists:
         raise InputError(f"{where} (the folder {_quoted(str(folder))} does not exist)")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"{where} (the folder {_quoted(str(folder))} is not writable)")
-
-
-def _write_atomically(path: Path, text: str, what: str) -> None:
-    """Writes `text` to `path` through a temporary file beside it, so a failed write leaves no half file."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    except OSError as e:
-        temporary.unlink(missing_ok=True)
-        raise InputError(f"--out {_quoted(str(path))}: cannot write the {what} ({e.strerror or e})") from None
 
 
 def _display(text: str) -> str:

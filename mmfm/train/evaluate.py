@@ -163,26 +163,31 @@ def evaluate_manifest(
     return metrics, _samples(model, objectives, dataset, collate, samples) if samples else []
 
 
-def prepare_output(out: str | Path) -> Path:
+def prepare_output(out: str | Path, name: str = "out") -> Path:
     """The path `out` as a file that can be written: its folder is created, what stands in its way refused.
+
+    Args:
+        out: the file the metrics go to.
+        name: what errors call it (the CLI says "--out").
 
     Raises:
         InputError: `out` is a folder (or not a regular file), a file stands where a folder of its path
-            should be, or the folder cannot be written; the message names `out`.
+            should be, or the folder cannot be written; the message names `out` and the reason.
     """
     path = Path(out)
-    where = f"out {out}"
+    where = f"{name} {out}: cannot write the metrics"
     try:
         if path.is_dir() or (path.exists() and not path.is_file()):
-            raise InputError(f"{where}: is {'a folder' if path.is_dir() else 'not a regular file'}; name a file")
+            raise InputError(f"{where} ({'it is a folder; name a file' if path.is_dir() else 'not a regular file'})")
         path.parent.mkdir(parents=True, exist_ok=True)
     except InputError:
         raise
     except (OSError, ValueError) as e:  # a file in place of a folder, no permission, a name too long, a NUL
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
-        raise InputError(f"{where}: cannot create its folder {path.parent} ({reason})") from None
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else getattr(e, "strerror", None) or e
+        raise InputError(f"{where} ({reason})") from None
     if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InputError(f"{where}: cannot write there (permission denied)")
+        raise InputError(f"{where} (the folder {path.parent} is not writable)")
     return path
 
 
