@@ -573,7 +573,9 @@ def test_any_rate_from_1khz_to_384khz_resamples_within_bounds(audio_processor, r
     def call():
         _check_features(audio_processor([(wave, rate)]), audio_processor, 1)
 
-    _bounded(call, seconds=3, memory=256 * MIB)
+    message = _bounded(call, seconds=3, memory=256 * MIB)
+    if message:
+        _fail("rate_refused", f"a {rate} Hz clip was refused: {message}")
 
 
 @st.composite
@@ -812,7 +814,9 @@ def test_valid_manifests_load_every_line(manifest_root, records, ensure_ascii, c
                 if "label" in record:
                     assert item["label"] == str(record["label"])
 
-    _bounded(call, seconds=5, memory=256 * MIB)
+    message = _bounded(call, seconds=5, memory=256 * MIB)
+    if message:
+        _fail("valid_manifest_refused", f"a valid manifest was refused: {message}")
 
 
 @example(data=b'{"caption": "x"}\n' + _nested(100_000).encode(), on_error="skip")
