@@ -198,12 +198,25 @@ class ImageProcessor:
         self._check_pixels(img.width, img.height, name)
 
     def _check_pixels(self, width: int, height: int, name: str) -> None:
-        """Refuses an image of more than `max_pixels` pixels."""
+        """Refuses an image of more than `max_pixels` pixels, as it is or once the transform resizes it.
+
+        The transform scales the short side to its resize size, so a thin strip (1 x 200,000 pixels) grows by
+        that factor squared: such a strip is refused by the size it would reach.
+        """
+        if self.max_pixels is None:
+            return
         pixels = width * height
-        if self.max_pixels is not None and pixels > self.max_pixels:
+        if pixels > self.max_pixels:
             raise InputError(
                 f"{name}: the image is {width}x{height} = {pixels:,} pixels, more than the limit of "
                 f"{self.max_pixels:,} (a decompression bomb?); ImageProcessor.max_pixels sets the limit"
+            )
+        scale = (self._shrink_to or 0) / max(min(width, height), 1)
+        if scale > 1 and pixels * scale * scale > self.max_pixels:
+            raise InputError(
+                f"{name}: the image is {width}x{height} pixels, so thin that resizing its short side to "
+                f"{self._shrink_to} would make {int(pixels * scale * scale):,} pixels, more than the limit of "
+                f"{self.max_pixels:,}; ImageProcessor.max_pixels sets the limit"
             )
 
     def _shrink_upright(self, img: Image.Image) -> Image.Image:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import heapq
 import json
+import numbers
 import re
 import stat
 import unicodedata
@@ -94,13 +95,17 @@ class Tokenizer:
             The decoded text.
 
         Raises:
-            InputError: `ids` is a tensor that is not 1-D.
+            InputError: `ids` is a tensor that is not 1-D, or holds something other than ids in
+                [0, vocab_size).
         """
         if isinstance(ids, Tensor):
             if ids.dim() != 1:
                 raise InputError(f"decode takes one sequence of ids (a 1-D tensor), got shape {tuple(ids.shape)}")
             ids = ids.tolist()
         ids = list(ids)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < self.vocab_size:
+                raise InputError(f"decode: token ids must be whole numbers in [0, {self.vocab_size}), got {i!r}")
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         if self.pad_is_token:

@@ -447,3 +447,10 @@ def test_damaged_header_that_pil_parses_with_value_error_names_the_file(processo
 
     with pytest.raises(InputError, match=r"^image 1 \('.*broken\.ppm'\): not a readable image file"):
         processor([picture(), path])
+
+
+def test_a_thin_strip_is_refused_by_the_size_resizing_would_give_it(processor):
+    strip = np.zeros((1, 200_000, 3), np.uint8)  # 600 KB that the short-side resize would blow up a thousandfold
+    with pytest.raises(InputError, match=r"^image 0 \(numpy array.*200000x1 pixels, so thin that resizing its short"):
+        processor([strip])
+    assert processor([np.zeros((8, 400, 3), np.uint8)]).shape[0] == 1  # a merely wide image is fine

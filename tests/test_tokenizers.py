@@ -1,9 +1,11 @@
 """Tokenizers and the text encoder: round trips, parity with open_clip, padding, truncation and errors."""
 
 import random
+import re
 import string
 import time
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -235,3 +237,12 @@ def test_lone_surrogates_are_input_errors_naming_the_text(byte_tok, clip_tok, te
             tok(["fine", text], max_length=16)
         with pytest.raises(InputError, match="text holds a lone surrogate"):
             tok.encode(text)
+
+
+@pytest.mark.parametrize("bad", [-1, 259, 10**20, 1.5, True, "7"])
+def test_decoding_something_other_than_an_id_is_named(byte_tok, bad):
+    with pytest.raises(
+        InputError, match=rf"decode: token ids must be whole numbers in \[0, 259\), got {re.escape(repr(bad))}"
+    ):
+        byte_tok.decode([A, bad])
+    assert byte_tok.decode([A, np.int64(B)]) == "ab"  # numpy integers are ids too
