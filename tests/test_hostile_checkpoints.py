@@ -424,3 +424,19 @@ def test_convert_into_a_new_an_empty_or_an_mmfm_folder_is_allowed(saved, tmp_pat
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="the output must be a folder"):
         check_convert_output(src, tmp_path / "file", overwrite=True)
+
+
+@pytest.mark.parametrize("config", [b"[" * 100_000, b'{"model_type": ["bert"]}', b"\xff\xfe binary", b"[]"])
+def test_a_folder_whose_config_json_is_not_a_hugging_face_config_is_named(tmp_path, config):
+    (tmp_path / "config.json").write_bytes(config)
+    with pytest.raises(CheckpointError, match=r"not a Hugging Face directory mmfm can convert"):
+        mmfm.load(tmp_path)
+
+
+@pytest.mark.parametrize("spec", ["a" * 5000, "x/" * 3000])
+def test_converting_from_a_path_no_file_system_takes_is_a_checkpoint_error(spec):
+    from mmfm.convert import convert
+
+    with pytest.raises(CheckpointError, match="not a usable path to convert from 'ast'") as e:
+        convert("ast", spec)
+    assert len(str(e.value)) < 1000
