@@ -102,7 +102,8 @@ def load(
 
     Args:
         spec: a local folder or weights file, a pretrained tag, or "hf-hub:org/name".
-        strict: refuse missing or unexpected weights (mis-shaped weights are always refused). For weights
+        strict: refuse missing or unexpected weights, and weights holding NaN or infinity (with strict=False
+            those load with a RuntimeWarning naming them); mis-shaped weights are always refused. For weights
             converted from another library, "missing" means missing from the components they bring.
         base: for converted weights, the preset name or config that supplies the other components (they are
             freshly initialised, with a warning); default: the tag's base, else "mmfm-base".
