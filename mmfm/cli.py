@@ -650,17 +650,12 @@ def _convert(args: argparse.Namespace) -> None:
     import inspect
 
     from mmfm.convert import convert, get_converter, list_sources
-    from mmfm.loader import from_converted
+    from mmfm.loader import check_convert_output, from_converted
 
     if args.source not in list_sources():
         raise InputError(f"--from {_quoted(args.source)}: unknown source (known: {', '.join(list_sources())})")
-    from mmfm import loader
-
-    # Refuses an OUT that is SRC or lies inside it, and a non-mmfm folder without --overwrite, before anything is
-    # read. The check arrives with issue 11's checkpoint work (mmfm.loader.check_convert_output).
-    check_output = getattr(loader, "check_convert_output", None)
-    if check_output is not None:
-        check_output(args.src, args.out, overwrite=args.overwrite)
+    # an OUT that is SRC or lies inside it, or a non-mmfm folder without --overwrite, is refused before any reading
+    check_convert_output(args.src, args.out, overwrite=args.overwrite)
     kwargs = {}
     if args.model_name is not None:
         if "model_name" not in inspect.signature(get_converter(args.source)).parameters:

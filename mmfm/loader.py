@@ -10,10 +10,15 @@
 
 The trainer, the CLI and `mmfm convert` load through this module. Models are built with their parameters on the
 meta device and take the checkpoint's tensors as they are (memory-mapped safetensors stay mapped).
+
+A checkpoint reads only regular files inside its own folder: its config's `text.vocab` and `image_gen.vae_path`,
+and its shard index's files, must lie inside it (symbolic links inside it are followed, as a hub cache has them).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,7 +26,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmfm.checkpoint import CONFIG_NAME, load_weights, parameters_on_meta, read_weights, unique_state_dict
+from mmfm.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SHARD_PATTERN,
+    VAE_FOLDER,
+    VOCAB_NAME,
+    WEIGHTS_NAME,
+    checkpoint_file,
+    is_checkpoint_folder,
+    load_weights,
+    parameters_on_meta,
+    read_weights,
+    unique_state_dict,
+)
 from mmfm.config import DTYPE_NAMES, ModelConfig, quote
 from mmfm.errors import CheckpointError, ConfigError, InputError
 from mmfm.model import MultimodalModel
@@ -32,6 +50,7 @@ __all__ = [
     "DTYPES",
     "HUB_PREFIX",
     "build_from_weights",
+    "check_convert_output",
     "create_model",
     "for_finetuning",
     "from_converted",
@@ -83,7 +102,8 @@ def load(
 
     Args:
         spec: a local folder or weights file, a pretrained tag, or "hf-hub:org/name".
-        strict: refuse missing or unexpected weights (mis-shaped weights are always refused). For weights
+        strict: refuse missing or unexpected weights, and weights holding NaN or infinity (with strict=False
+            those load with a RuntimeWarning naming them); mis-shaped weights are always refused. For weights
             converted from another library, "missing" means missing from the components they bring.
         base: for converted weights, the preset name or config that supplies the other components (they are
             freshly initialised, with a warning); default: the tag's base, else "mmfm-base".
@@ -98,7 +118,7 @@ def load(
     dtype = parse_dtype(dtype)
     if text.startswith(HUB_PREFIX):
         model = _load_local(download_hub(text.removeprefix(HUB_PREFIX)), strict, base, dtype)
-    elif Path(spec).exists():
+    elif _exists(spec):
         model = _load_local(Path(spec), strict, base, dtype)
     elif is_pretrained_tag(text):
         entry = get_pretrained(text)
@@ -106,7 +126,7 @@ def load(
         model = _load_local(location, strict, base or entry.base, dtype, entry.source, entry.convert_kwargs)
     else:
         raise CheckpointError(
-            f"{spec}: no such checkpoint directory or file, nor a pretrained tag (see mmfm.list_pretrained()); "
+            f"{_shown(text)}: no such checkpoint directory or file, nor a pretrained tag (see mmfm.list_pretrained()); "
             f"a Hugging Face hub repository is written with its prefix: '{HUB_PREFIX}org/name'"
         )
     return model.to(device) if device is not None else model
@@ -127,13 +147,70 @@ def open_model(
     """
     text = str(spec)
     architecture = Path(spec).suffix in YAML_SUFFIXES or not (
-        Path(spec).exists() or text.startswith(HUB_PREFIX) or is_pretrained_tag(text) or "/" in text
+        _exists(spec) or text.startswith(HUB_PREFIX) or is_pretrained_tag(text) or "/" in text
     )
     if not architecture:
         return load(spec, device=device, dtype=dtype), False
     model = create_model(spec).eval()
     dtype = parse_dtype(dtype)
     return model.to(device=device, dtype=dtype), True
+
+
+def check_convert_output(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Checks that converting `src` into the folder `out` (`mmfm convert SRC OUT`) can lose no file; returns `out`.
+
+    Refused, whatever `overwrite` says: an output that is the input or lies inside it, an input that the save
+    into `out` would replace (`OUT/model.safetensors`, `OUT/config.yaml`, ...), and an output that is a file.
+    Refused unless `overwrite=True`: an output folder that holds files but is not an mmfm checkpoint (a
+    `config.yaml` and weights written by `save_pretrained`). An mmfm checkpoint folder is replaced by the new
+    model; other files in it are left alone (see `mmfm.checkpoint.save_pretrained`).
+
+    Args:
+        src: the checkpoint to convert, a file or a folder.
+        out: the folder to write the mmfm checkpoint into; created if missing.
+        overwrite: allow writing into a folder that holds other files.
+
+    Raises:
+        CheckpointError: naming OUT (and SRC) and what is wrong, with what to do instead.
+    """
+    out = Path(out)
+    try:
+        source, target = Path(src).resolve(), out.resolve()
+        target_kind = target.stat().st_mode if target.exists() else None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{_shown(str(out))}: not a usable output folder ({e})") from None
+    if target == source or source in target.parents:
+        raise CheckpointError(
+            f"{out}: the output is the input {src} or lies inside it; converting there would overwrite the weights "
+            "being read: write into another folder"
+        )
+    if _written_by_save(source, target):
+        raise CheckpointError(
+            f"{out}: saving there would replace the input {src} (a file an mmfm checkpoint of that name writes): "
+            "write into another folder"
+        )
+    if target_kind is None:
+        return out
+    if not stat.S_ISDIR(target_kind):
+        raise CheckpointError(f"{out}: the output must be a folder, and this is a file")
+    if not overwrite and not is_checkpoint_folder(target):
+        entries = sorted(p.name for p in target.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            raise CheckpointError(
+                f"{out}: the output folder holds files ({shown}) and is not an mmfm checkpoint; converting into it "
+                f"writes {CONFIG_NAME}, {WEIGHTS_NAME} ... beside them and replaces files of those names: choose a "
+                "new or empty folder, or pass overwrite=True (`mmfm convert --overwrite`) to write there anyway"
+            )
+    return out
+
+
+def _written_by_save(path: Path, folder: Path) -> bool:
+    """Whether `save_pretrained(model, folder)` may write over `path` (both resolved)."""
+    if path.parent == folder:
+        names = (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, VOCAB_NAME)
+        return path.name in names or bool(SHARD_PATTERN.fullmatch(path.name))
+    return path == folder / VAE_FOLDER or folder / VAE_FOLDER in path.parents
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -279,9 +356,60 @@ def _load_local(
 
 
 def _read_config(path: Path) -> ModelConfig:
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent}: no {CONFIG_NAME} in the checkpoint")
+    """The config.yaml of a checkpoint folder, whose vocabulary and VAE must lie inside that folder."""
+    directory = path.parent
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME} in the checkpoint")
+    checkpoint_file(directory, path.name, "config")
     try:
-        return read_config(path)
+        config = read_config(path)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    except (OSError, UnicodeDecodeError) as e:  # a binary or unreadable file, should the reader let it through
+        raise CheckpointError(f"{path}: cannot be read as a config ({e})") from None
+    if config.text.vocab is not None:
+        checkpoint_file(directory, _inside(directory, config.text.vocab, "text.vocab"), "text.vocab")
+    if config.image_gen is not None and config.image_gen.vae_path is not None:
+        _check_vae(directory, _inside(directory, config.image_gen.vae_path, "image_gen.vae_path"))
+    return config
+
+
+def _inside(directory: Path, value: str, key: str) -> str:
+    """`value` (a path a checkpoint's config names, resolved against its folder) relative to `directory`."""
+    try:
+        relative = os.path.relpath(value, directory.absolute())
+    except ValueError:  # another drive
+        relative = value
+    if os.path.isabs(relative) or relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME}: {key} {value!r} lies outside the checkpoint folder; a checkpoint reads only "
+            "files inside its own folder (save_pretrained copies them in: re-save the model, or copy the file into "
+            "the folder and name it relative to it)"
+        )
+    return relative
+
+
+def _check_vae(directory: Path, relative: str) -> None:
+    """The checkpoint's VAE is a folder inside it whose files are regular files."""
+    folder = directory / relative
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: image_gen.vae_path is not a folder (a diffusers AutoencoderKL directory)")
+    checkpoint_file(folder, "config.json", "VAE config (image_gen.vae_path)")
+    for file in sorted(folder.iterdir()):
+        if file.name.startswith("diffusion_pytorch_model"):
+            checkpoint_file(folder, file.name, "VAE weights (image_gen.vae_path)")
+
+
+def _exists(spec: str | Path) -> bool:
+    """Whether `spec` names an existing file or folder; a name no file system takes is a `CheckpointError`."""
+    try:
+        return Path(spec).exists()
+    except (OSError, ValueError) as e:  # too long a name, a NUL character
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"{_shown(str(spec))}: not a usable path ({reason})") from None
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """`text` as an error message quotes it: control characters escaped, at most `limit` characters."""
+    shown = text if text.isprintable() else repr(text)[1:-1]
+    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(text)} characters)"

@@ -264,7 +264,7 @@ def test_convert_asks_the_loader_whether_the_output_is_safe_before_reading_anyth
     def never(*args, **kwargs):
         raise AssertionError("convert ran before the output was checked")
 
-    monkeypatch.setattr(mmfm.loader, "check_convert_output", check, raising=False)
+    monkeypatch.setattr(mmfm.loader, "check_convert_output", check)
     monkeypatch.setattr(mmfm.convert, "convert", never)
     src = str(tmp_path / "weights")
     argv = ["convert", src, src, "--from", "timm"] + ["--overwrite"] * overwrite

@@ -337,3 +337,17 @@ def test_cli_convert_writes_a_checkpoint_that_loads(ast_dir, tmp_path, capsys):
 def test_cli_convert_names_unknown_sources(ast_dir, tmp_path, capsys):
     assert cli(["convert", str(ast_dir), str(tmp_path / "o"), "--from", "nope"]) == 2
     assert "--from nope: unknown source (known: " in capsys.readouterr().err
+
+
+def test_cli_convert_into_its_own_source_folder_is_refused_and_loses_nothing(ast_dir, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in ast_dir.iterdir()}
+    assert cli(["convert", str(ast_dir), str(ast_dir), "--from", "ast"]) == 2
+    assert "mmfm: error:" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ast_dir.iterdir()} == before
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "readme.txt").write_text("mine")
+    assert cli(["convert", str(ast_dir), str(foreign), "--from", "ast", "--base", "mmfm-test"]) == 2
+    assert "overwrite" in capsys.readouterr().err and sorted(p.name for p in foreign.iterdir()) == ["readme.txt"]
+    assert cli(["convert", str(ast_dir), str(foreign), "--from", "ast", "--base", "mmfm-test", "--overwrite"]) == 0
+    assert (foreign / "readme.txt").read_text() == "mine" and (foreign / WEIGHTS_NAME).is_file()

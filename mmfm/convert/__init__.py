@@ -51,6 +51,9 @@ __all__ = [
 # Modules under mmfm.convert whose import registers the built-in converters (add a module here, not in the caller).
 _BUILTIN_MODULES = ("ast", "timm", "open_clip", "hf_bert", "diffusers")
 
+# A Hugging Face config.json is a few KB; a larger file is not read to find its model_type.
+MAX_HF_CONFIG_BYTES = 16 * 1024**2
+
 _CONVERTERS: dict[str, Callable[..., Converted]] = {}
 _HF_MODEL_TYPES: dict[str, str] = {}  # config.json model_type -> source
 _builtins_loaded = False
@@ -97,11 +100,13 @@ def register_converter(
 def source_for_hf_directory(directory: str | Path) -> str | None:
     """The registered source that reads this Hugging Face directory (by its config.json `model_type`), or None."""
     config = Path(directory) / "config.json"
-    if not config.is_file():
-        return None
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        if not config.is_file() or config.stat().st_size > MAX_HF_CONFIG_BYTES:
+            return None
+        model_type = json.loads(config.read_bytes().decode("utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError, RecursionError):  # ValueError: bad JSON or UTF-8
+        return None
+    if not isinstance(model_type, str):
         return None
     _load_builtins()
     return _HF_MODEL_TYPES.get(model_type)
@@ -129,7 +134,12 @@ def convert(source: str, path: str | Path, **kwargs: Any) -> Converted:
         path: the source checkpoint.
         **kwargs: passed to the converter (e.g. `model_name` where the file alone does not say the architecture).
     """
-    if not Path(path).exists():
+    try:
+        exists = Path(path).exists()
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL character
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"{str(path)[:200]!r}: not a usable path to convert from '{source}' ({reason})") from None
+    if not exists:
         raise CheckpointError(f"{path}: no such file or directory to convert from '{source}'")
     return get_converter(source)(path, **kwargs)
 

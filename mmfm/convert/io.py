@@ -7,7 +7,6 @@ containers only, and refuses anything else before it runs.
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import struct
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from mmfm.checkpoint import read_shard_index
 from mmfm.errors import CheckpointError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -67,7 +67,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 def read_hf_state_dict(directory: str | Path) -> tuple[dict[str, Tensor], Path]:
     """Reads the weights of a Hugging Face `save_pretrained` directory, single-file or sharded.
 
-    Prefers `model.safetensors` (or its shard index) over `pytorch_model.bin` (or its index).
+    Prefers `model.safetensors` (or its shard index) over `pytorch_model.bin` (or its index). Only regular files
+    inside `directory` are read: an index naming a file outside it or a non-regular file is refused
+    (`mmfm.checkpoint.read_shard_index`).
 
     Returns:
         The state dict and the file (or index) it came from, for error messages.
@@ -76,13 +78,9 @@ def read_hf_state_dict(directory: str | Path) -> tuple[dict[str, Tensor], Path]:
     for single, index in HF_WEIGHT_FILES:
         if (directory / single).is_file():
             return read_state_dict(directory / single), directory / single
-        if (directory / index).is_file():
-            try:
-                files = sorted(set(json.loads((directory / index).read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{directory / index}: not a valid shard index ({e})") from None
+        if (directory / index).exists():
             state: dict[str, Tensor] = {}
-            for name in files:
+            for name in read_shard_index(directory / index):
                 state.update(read_state_dict(directory / name))
             return state, directory / index
     names = ", ".join(n for pair in HF_WEIGHT_FILES for n in pair)
@@ -117,17 +115,30 @@ def _torch_load(path: Path) -> Any:
             # mmap needs the zip format; legacy files are read into memory
             return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported (?:global|operand|class)[^\n]*?(?= was not|\. |\n|$)", str(e))
-        stopped_at = found.group(0) if found else str(e).strip().splitlines()[0]
+        stopped_at = _refusal_reason(str(e))
         raise CheckpointError(
             f"{path}: refusing to unpickle: torch.load(weights_only=True) stopped at '{stopped_at}'. The file holds "
             "more than tensors and plain containers (Python objects, whose loading could run code), or is corrupt. "
             "Re-save the weights alone (a state dict), or as safetensors."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, struct.error, zipfile.BadZipFile) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = type(e).__name__ if "weights_only" in first else first  # never torch's advice to unpickle it all
         raise CheckpointError(
-            f"{path}: cannot be read as a torch checkpoint; truncated or corrupt? ({str(e).strip().splitlines()[0]})"
+            f"{path}: cannot be read as a torch checkpoint; truncated or corrupt? ({reason})"
         ) from None
+
+
+def _refusal_reason(message: str) -> str:
+    """What torch's weights-only unpickler refused, without the advice around it.
+
+    torch's message suggests re-running with `weights_only=False`, which would run whatever the file holds; mmfm
+    never quotes that advice: only the refused global, operand or class is kept.
+    """
+    found = re.search(r"unsupported (?:global|operand|class)[^\n]*?(?= was not|\. |\n|$)", message, re.IGNORECASE)
+    if found and "weights_only" not in found.group(0):
+        return found.group(0)
+    return "an object that is not a tensor or a plain container"
 
 
 def _flatten(obj: Any, path: Path) -> dict[str, Tensor]:
