@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mmfm
-from mmfm.config import DEFAULT_BATCH_SIZE, DTYPE_NAMES, MEDIA, SCHEDULERS
+from mmfm.config import DEFAULT_BATCH_SIZE, DTYPE_NAMES, MEDIA, SCHEDULERS, shorten
 from mmfm.errors import InputError, MMFMError
 
 if TYPE_CHECKING:
@@ -909,11 +909,7 @@ def _display(text: str) -> str:
 
 def _quoted(text: str) -> str:
     """An argument as error messages quote it: printable, and shortened in the middle when very long."""
-    text = _display(text)
-    if len(text) > _QUOTE_LIMIT:
-        keep = _QUOTE_LIMIT // 2
-        text = f"{text[:keep]}...({len(text) - 2 * keep} characters)...{text[-keep:]}"
-    return text
+    return shorten(_display(text), _QUOTE_LIMIT)
 
 
 def _os_error(e: OSError) -> str:

@@ -836,6 +836,18 @@ def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
 
 
+def shorten(text: str, limit: int = 200) -> str:
+    """A name the user gave (a path, an argument) as an error message quotes it: control characters escaped, and
+    when longer than `limit`, its middle elided so that the start and the end (a file's extension) still show.
+    """
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    if len(text) <= limit:
+        return text
+    keep = max(limit // 2, 1)
+    return f"{text[:keep]}...({len(text) - 2 * keep} characters)...{text[-keep:]}"
+
+
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 4, 6, 6, 6
 _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40

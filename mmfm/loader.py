@@ -40,7 +40,7 @@ from mmfm.checkpoint import (
     read_weights,
     unique_state_dict,
 )
-from mmfm.config import DTYPE_NAMES, ModelConfig, quote
+from mmfm.config import DTYPE_NAMES, ModelConfig, quote, shorten
 from mmfm.errors import CheckpointError, ConfigError, InputError
 from mmfm.model import MultimodalModel
 from mmfm.pretrained import download_hub, fetch, get_pretrained, is_pretrained_tag
@@ -126,8 +126,8 @@ def load(
         model = _load_local(location, strict, base or entry.base, dtype, entry.source, entry.convert_kwargs)
     else:
         raise CheckpointError(
-            f"{_shown(text)}: no such checkpoint directory or file, nor a pretrained tag (see mmfm.list_pretrained()); "
-            f"a Hugging Face hub repository is written with its prefix: '{HUB_PREFIX}org/name'"
+            f"{shorten(text)}: no such checkpoint directory or file, nor a pretrained tag (see "
+            f"mmfm.list_pretrained()); a Hugging Face hub repository is written with its prefix: '{HUB_PREFIX}org/name'"
         )
     return model.to(device) if device is not None else model
 
@@ -178,7 +178,7 @@ def check_convert_output(src: str | Path, out: str | Path, overwrite: bool = Fal
         source, target = Path(src).resolve(), out.resolve()
         target_kind = target.stat().st_mode if target.exists() else None
     except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{_shown(str(out))}: not a usable output folder ({e})") from None
+        raise CheckpointError(f"{shorten(str(out))}: not a usable output folder ({e})") from None
     if target == source or source in target.parents:
         raise CheckpointError(
             f"{out}: the output is the input {src} or lies inside it; converting there would overwrite the weights "
@@ -406,10 +406,4 @@ def _exists(spec: str | Path) -> bool:
         return Path(spec).exists()
     except (OSError, ValueError) as e:  # too long a name, a NUL character
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise CheckpointError(f"{_shown(str(spec))}: not a usable path ({reason})") from None
-
-
-def _shown(text: str, limit: int = 200) -> str:
-    """`text` as an error message quotes it: control characters escaped, at most `limit` characters."""
-    shown = text if text.isprintable() else repr(text)[1:-1]
-    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(text)} characters)"
+        raise CheckpointError(f"{shorten(str(spec))}: not a usable path ({reason})") from None

@@ -30,7 +30,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from mmfm.config import MEDIA
+from mmfm.config import MEDIA, shorten
 from mmfm.errors import InputError
 
 IMAGE_EXTENSIONS = MEDIA["image"].extensions
@@ -323,9 +323,9 @@ def _check_unicode(value: str, name: str) -> None:
         ) from None
 
 
-def _shown(value: str, limit: int = 80) -> str:
-    """A path from the manifest as an error quotes it: repr'd, and cut short when long."""
-    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+def _shown(value: str) -> str:
+    """A path from the manifest as an error quotes it: in quotes, its middle elided when long."""
+    return repr(shorten(value, 80))
 
 
 def _os_reason(e: Exception) -> str:
