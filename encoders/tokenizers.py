@@ -11,7 +11,6 @@ import heapq
 import json
 import numbers
 import re
-import stat
 import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
-from mmfm.config import TextConfig
+from mmfm.config import TextConfig, read_small_file
 from mmfm.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -342,31 +341,7 @@ def read_wordpiece_vocab(path: Path) -> list[str]:
         ConfigError: naming the file, when it is missing, not a regular file, too large, unreadable, not UTF-8, or
             not a WordPiece vocabulary.
     """
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise ConfigError(f"text.vocab: {path}: no such vocabulary file") from None
-    except (OSError, ValueError) as e:  # a name too long, a NUL in it, no permission
-        reason = getattr(e, "strerror", None) or e
-        raise ConfigError(f"text.vocab: {str(path)[:200]!r}: cannot be read ({reason})") from None
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file (a device, FIFO or socket)"
-        raise ConfigError(f"text.vocab: {path}: is {kind}; expected a vocab.txt or tokenizer.json file")
-    limit = MAX_VOCAB_BYTES
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(limit + 1)
-    except OSError as e:
-        raise ConfigError(f"text.vocab: {path}: cannot be read ({e.strerror or e})") from None
-    if len(raw) > limit:
-        raise ConfigError(
-            f"text.vocab: {path}: over {limit} bytes, too large for a vocabulary "
-            "(the limit is mmfm.encoders.tokenizers.MAX_VOCAB_BYTES)"
-        )
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"text.vocab: {path}: cannot be read as UTF-8 ({e})") from None
+    text = read_small_file(path, "text.vocab file", MAX_VOCAB_BYTES, "mmfm.encoders.tokenizers.MAX_VOCAB_BYTES")
     if path.suffix != ".json":
         return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
     try:

@@ -18,15 +18,14 @@ import errno
 import json
 import math
 import os
-import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mmfm
-from mmfm.config import DEFAULT_BATCH_SIZE, DTYPE_NAMES, MEDIA, SCHEDULERS, shorten
-from mmfm.errors import InputError, MMFMError
+from mmfm.config import DEFAULT_BATCH_SIZE, DTYPE_NAMES, MEDIA, SCHEDULERS, read_small_file, shorten
+from mmfm.errors import ConfigError, InputError, MMFMError
 
 if TYPE_CHECKING:
     from mmfm.model import MultimodalModel
@@ -806,26 +805,12 @@ def _read_labels(labels: str | None, labels_file: str | None) -> list[str] | Non
         return None
     where = f"--labels-file {_quoted(labels_file)}"
     try:
-        with open(labels_file, "rb", opener=_nonblocking_opener) as f:
-            kind = os.fstat(f.fileno()).st_mode
-            if not stat.S_ISREG(kind):
-                what = "a folder" if stat.S_ISDIR(kind) else "not a regular file (a device, FIFO or socket)"
-                raise InputError(f"{where}: is {what}; expected a text file with one label per line")
-            data = f.read(MAX_LABELS_FILE_BYTES + 1)
-    except OSError as e:
-        raise InputError(f"{where}: cannot be read ({e.strerror or e})") from None
-    if len(data) > MAX_LABELS_FILE_BYTES:
-        raise InputError(
-            f"{where}: is larger than {MAX_LABELS_FILE_BYTES // 2**20} MiB (mmfm.cli.MAX_LABELS_FILE_BYTES); "
-            "expected a text file with one label per line"
-        )
-    nul = data.find(b"\0")
+        text = read_small_file(labels_file, "labels file", MAX_LABELS_FILE_BYTES, "mmfm.cli.MAX_LABELS_FILE_BYTES")
+    except ConfigError as e:
+        raise InputError(f"--labels-file {e}") from None
+    nul = text.find("\0")
     if nul >= 0:
-        raise InputError(f"{where}: is binary (a NUL byte at offset {nul}), not one label per line")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{where}: is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+        raise InputError(f"{where}: is binary (a NUL byte at character {nul}), not one label per line")
     found = [(f"line {i}", line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not found:
         raise InputError(f"{where}: has no labels (expected one per line)")
@@ -846,11 +831,6 @@ def _distinct_labels(where: str, found: list[tuple[str, str]]) -> list[str]:
             )
         first[key] = position
     return [label for _, label in found]
-
-
-def _nonblocking_opener(path: str, flags: int) -> int:
-    """Opens without blocking, so that a FIFO named as a file is refused instead of waiting for a writer."""
-    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 def _check_text_options(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import importlib
 import math
+import os
 import re
 import reprlib
 import stat
@@ -709,38 +710,54 @@ def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
 
 
 def read_config_text(path: Path, what: str) -> str:
-    """The text of a config file, read only if it is a regular file of at most `MAX_CONFIG_BYTES` UTF-8 bytes.
+    """The text of a config file: `read_small_file` with the limit `MAX_CONFIG_BYTES`."""
+    return read_small_file(path, what, MAX_CONFIG_BYTES, "mmfm.config.MAX_CONFIG_BYTES")
 
-    Folders, devices (`/dev/zero`), FIFOs and sockets are refused before anything is read, so reading never hangs
-    or runs out of memory.
+
+def read_small_file(path: str | Path, what: str, limit: int, limit_name: str) -> str:
+    """The UTF-8 text of a file the user named, read only if it is a regular file of at most `limit` bytes.
+
+    It is opened without blocking and checked before anything is read, so a folder, a device (`/dev/zero`), a FIFO
+    or a socket is refused at once instead of hanging or filling memory.
+
+    Args:
+        path: the file.
+        what: what it is, for messages ("config file", "vocabulary file", ...).
+        limit: the most bytes read.
+        limit_name: where users change the limit, named in the message.
+
+    Raises:
+        ConfigError: naming `path` and what was wrong with it.
     """
+    name = shorten(str(path))
+    raw = None
     try:
-        info = path.stat()
+        with open(path, "rb", opener=_nonblocking_opener) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if stat.S_ISREG(mode):
+                raw = f.read(limit + 1)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found") from None
+        raise ConfigError(f"{name}: {what} not found") from None
+    except IsADirectoryError:
+        mode = stat.S_IFDIR
     except (OSError, ValueError) as e:  # ENAMETOOLONG, ENOTDIR, EACCES; ValueError: a NUL in the path
-        raise ConfigError(f"{quote(str(path))}: cannot read the {what} ({getattr(e, 'strerror', None) or e})") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise ConfigError(f"{path}: the {what} is a folder; expected a YAML file")
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"{path}: the {what} is not a regular file (a device, FIFO or socket); expected a YAML file")
-    limit = MAX_CONFIG_BYTES
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(limit + 1)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+        raise ConfigError(f"{name}: cannot read the {what} ({getattr(e, 'strerror', None) or e})") from None
+    if stat.S_ISDIR(mode):
+        raise ConfigError(f"{name}: the {what} is a folder")
+    if raw is None:
+        raise ConfigError(f"{name}: the {what} is not a regular file (a device, FIFO or socket)")
     if len(raw) > limit:
-        raise ConfigError(
-            f"{path}: the {what} is over {limit} bytes; a config is a small YAML file "
-            "(the limit is mmfm.config.MAX_CONFIG_BYTES)"
-        )
+        raise ConfigError(f"{name}: the {what} is over {limit} bytes (the limit is {limit_name})")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(
-            f"{path}: the {what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); a binary file?"
+            f"{name}: the {what} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); a binary file?"
         ) from None
+
+
+def _nonblocking_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):

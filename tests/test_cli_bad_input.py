@@ -95,12 +95,12 @@ def test_a_labels_file_that_is_not_one_text_label_per_line_is_one_error_line(
 ):
     path = tmp_path / "labels.txt"
     expected = {
-        "binary": "is binary (a NUL byte at offset 4)",
+        "binary": "is binary (a NUL byte at character 4)",
         "not utf-8": "is not UTF-8 text (byte 0xff at offset 4)",
         "folder": "labels.txt: ",
         "fifo": "is not a regular file",
         "device": "is not a regular file",
-        "too big": "is larger than",
+        "too big": "is over",
         "repeated": "line 4 repeats 'cat' of line 1",
     }[case]
     writer = None
