@@ -424,24 +424,22 @@ class _Deprecated(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _natural(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_natural, _positive_int = _whole_number(0), _whole_number(1)
 
 
 # ---- commands (each imports what it needs, so that parsing stays fast) ----
@@ -819,18 +817,20 @@ def _read_labels(labels: str | None, labels_file: str | None) -> list[str] | Non
 
 def _distinct_labels(where: str, found: list[tuple[str, str]]) -> list[str]:
     """The labels of (position, label) pairs; an empty or repeated one is an InputError naming both positions."""
-    first: dict[str, str] = {}
-    for position, label in found:
-        if not label:
-            raise InputError(f"{where}: {position} is empty; separate labels with single commas")
-        key = " ".join(label.split())
-        if key in first:
-            raise InputError(
-                f"{where}: {position} repeats {_quoted(label)!r} of {first[key]}; each label must appear once "
-                "(copies would split its probability)"
-            )
-        first[key] = position
-    return [label for _, label in found]
+    from mmfm.pipelines import first_repeat
+
+    empty = next((position for position, label in found if not label), None)
+    if empty is not None:
+        raise InputError(f"{where}: {empty} is empty; separate labels with single commas")
+    labels = [label for _, label in found]
+    repeat = first_repeat(labels)
+    if repeat is not None:
+        first, again = repeat
+        raise InputError(
+            f"{where}: {found[again][0]} repeats {_quoted(labels[again])!r} of {found[first][0]}; each label must "
+            "appear once (copies would split its probability)"
+        )
+    return labels
 
 
 def _check_text_options(args: argparse.Namespace) -> None:

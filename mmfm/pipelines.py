@@ -400,16 +400,25 @@ def _labels(labels: object) -> list[str]:
     classes = list(labels)
     if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
         raise InputError(f"labels must be a non-empty list of non-empty strings, got {_shown(labels)}")
-    first: dict[str, int] = {}
-    for i, name in enumerate(classes):
-        key = " ".join(name.split())
-        if key in first:
-            raise InputError(
-                f"labels= names {name!r} twice (positions {first[key]} and {i}); each class must appear once, "
-                "or its copies split its probability between them"
-            )
-        first[key] = i
+    repeat = first_repeat(classes)
+    if repeat is not None:
+        first, again = repeat
+        raise InputError(
+            f"labels= names {classes[again]!r} twice (positions {first} and {again}); each class must appear once, "
+            "or its copies split its probability between them"
+        )
     return classes
+
+
+def first_repeat(labels: Sequence[str]) -> tuple[int, int] | None:
+    """Positions (first, again) of the first label that repeats an earlier one, white space folded; None if none."""
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        key = " ".join(label.split())
+        if key in seen:
+            return seen[key], i
+        seen[key] = i
+    return None
 
 
 def _is_audio_pair(item: object) -> bool:
