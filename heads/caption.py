@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -17,21 +18,40 @@ if TYPE_CHECKING:
 
 
 class CaptionHead(nn.Module):
-    """A bias-free linear LM head whose weight *is* the text token embedding table.
+    """A bias-free linear LM head whose weight is the text token embedding table, or (untied) a matrix of its own.
 
     Args:
         token_embedding: the model's text token embedding; tying means a token is read and written with one vector.
+        tied: share the embedding's weight (False: an own weight, initialised as a copy of the embedding's).
     """
 
     @classmethod
     def build(cls, model: MultimodalModel, config: CaptionHeadConfig) -> CaptionHead:
-        return cls(model.token_embedding)
+        return cls(model.token_embedding, config.tied)
 
-    def __init__(self, token_embedding: nn.Embedding):
+    def __init__(self, token_embedding: nn.Embedding, tied: bool = True):
         super().__init__()
         vocab_size, dim = token_embedding.weight.shape
+        self.tied = tied
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
-        self.lm_head.weight = token_embedding.weight
+        if tied:
+            self.lm_head.weight = token_embedding.weight
+        else:
+            self.lm_head.weight = nn.Parameter(token_embedding.weight.detach().clone())
+
+    def resize(self, token_embedding: nn.Embedding) -> None:
+        """Follows a grown token embedding: tied, the new table; untied, new rows set to the mean of the old ones."""
+        if self.tied:
+            self.lm_head = nn.Linear(*token_embedding.weight.shape[::-1], bias=False, device="meta")
+            self.lm_head.weight = token_embedding.weight
+            return
+        old = self.lm_head.weight
+        weight = old.new_empty(token_embedding.num_embeddings, old.shape[1])
+        with torch.no_grad():
+            weight[: old.shape[0]] = old
+            weight[old.shape[0] :] = old.mean(dim=0)
+        self.lm_head = nn.Linear(old.shape[1], weight.shape[0], bias=False, device="meta")
+        self.lm_head.weight = nn.Parameter(weight)
 
     def forward(self, hidden: Tensor) -> Tensor:
         """(B, T, D) states -> (B, T, vocab) next-token logits."""

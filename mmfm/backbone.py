@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mmfm.config import BackboneConfig
+from mmfm.config import BackboneConfig, RopeScalingConfig
 
 if TYPE_CHECKING:
     from mmfm.sequence import TokenSequence
@@ -48,11 +49,13 @@ class KVCache:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embedding tables, rotating the two halves of each head (GPT-NeoX layout)."""
+    """Rotary position embedding tables, rotating the two halves of each head (GPT-NeoX layout, as Llama)."""
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: RopeScalingConfig | None = None):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        if scaling is not None:
+            inv_freq = llama3_scaled(inv_freq, scaling)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (max_seq_len, hd/2)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
@@ -60,6 +63,17 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L) positions -> cos, sin of shape (B, 1, L, head_dim / 2)."""
         return self.cos[positions][:, None], self.sin[positions][:, None]
+
+
+def llama3_scaled(inv_freq: Tensor, scaling: RopeScalingConfig) -> Tensor:
+    """Llama 3.1's frequency scaling: wavelengths beyond the pretraining context / low_freq_factor are divided by
+    `factor`, those under context / high_freq_factor are kept, and the band between blends the two linearly in
+    context / wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    context = scaling.original_max_seq_len
+    blend = (context / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blend = blend.clamp(0.0, 1.0)  # 0: fully scaled (long wavelengths), 1: kept (short ones)
+    return (1 - blend) * inv_freq / scaling.factor + blend * inv_freq
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -72,7 +86,9 @@ class Attention(nn.Module):
     def __init__(self, config: BackboneConfig):
         super().__init__()
         self.num_heads, self.kv_heads, self.head_dim = config.num_heads, config.kv_heads, config.head_dim
-        self.qkv = nn.Linear(config.dim, (config.num_heads + 2 * config.kv_heads) * config.head_dim, bias=False)
+        self.qkv = nn.Linear(
+            config.dim, (config.num_heads + 2 * config.kv_heads) * config.head_dim, bias=config.qkv_bias
+        )
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
         self.dropout = config.dropout
 
@@ -141,7 +157,7 @@ class Backbone(nn.Module):
     def __init__(self, config: BackboneConfig):
         super().__init__()
         self.config = config
-        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.grad_checkpointing = config.grad_checkpointing
@@ -154,6 +170,8 @@ class Backbone(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     def forward(
         self,

@@ -27,7 +27,9 @@ from mmfm.errors import CheckpointError
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-VOCAB_NAME = "vocab.txt"  # a "wordpiece" tokenizer's vocabulary, written beside the weights
+# The file each tokenizer with a vocabulary file writes beside the weights ("wordpiece": BERT's vocab.txt, "hf": a
+# Hugging Face tokenizer.json).
+VOCAB_NAMES = {"wordpiece": "vocab.txt", "hf": "tokenizer.json"}
 VAE_FOLDER = "vae"  # a latent-space image_gen head's frozen AutoencoderKL, in diffusers' save_pretrained layout
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 # A shard index is a small JSON weight map (about 100 bytes a tensor); a larger file is not an index.
@@ -72,15 +74,16 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
     Weights larger than `max_shard_bytes` are split into `model-0000i-of-0000n.safetensors` files with a
     `model.safetensors.index.json` weight map (the Hugging Face layout). Every file is written under a
     temporary name and renamed into place, so an interrupted save never leaves a half-written file behind.
-    A "wordpiece" tokenizer's vocabulary is written as `vocab.txt`, and the saved config's `text.vocab` says
-    `vocab.txt`; a latent-space image_gen head's frozen VAE is written into `vae/` (diffusers' layout:
-    config.json + diffusion_pytorch_model.safetensors) and the saved `image_gen.vae_path` says `vae`.
+    A tokenizer's vocabulary file is written beside the weights (`vocab.txt` for "wordpiece", `tokenizer.json` for
+    "hf") and the saved config's `text.vocab` names it; a latent-space image_gen head's frozen VAE is written into
+    `vae/` (diffusers' layout: config.json + diffusion_pytorch_model.safetensors) and the saved
+    `image_gen.vae_path` says `vae`.
     `mmfm.registry.read_config` resolves both against the directory: the checkpoint is self-contained and can be
     moved or copied. Files are written with the permissions the umask gives any new file (as `config.yaml`).
 
     Saving again into the same directory removes the files of the earlier save that this model does not have,
     and only those: the ones its `config.yaml` and shard index record (`model.safetensors`, the index and the
-    shards it lists, `vocab.txt` when its config named it, `vae/` when its config named it). Any other file
+    shards it lists, the vocabulary file its config named, `vae/` when its config named it). Any other file
     (`model_backup.safetensors`, a `vocab.txt` no mmfm config points at, ...) is left alone.
 
     Raises:
@@ -131,10 +134,11 @@ def save_pretrained(model: nn.Module, directory: str | Path, max_shard_bytes: in
         _atomic_write(directory / INDEX_NAME, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
     config = model.config
     written = set(names) | ({INDEX_NAME} if len(shards) > 1 else set())
-    if config.text.vocab is not None:  # the vocabulary travels with the weights; the saved config points at it
-        _atomic_write(directory / VOCAB_NAME, model.tokenizer.save_vocabulary)
-        config = dataclasses.replace(config, text=dataclasses.replace(config.text, vocab=VOCAB_NAME))
-        written.add(VOCAB_NAME)
+    vocab_name = VOCAB_NAMES.get(config.text.tokenizer)
+    if vocab_name is not None:  # the vocabulary travels with the weights; the saved config points at it
+        _atomic_write(directory / vocab_name, model.tokenizer.save_vocabulary)
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, vocab=vocab_name))
+        written.add(vocab_name)
     gen = config.image_gen
     if gen is not None and gen.space == "latent":  # the VAE travels with the weights, as vae/ in a pipeline
         _save_vae(model.heads["image_gen"].vae, directory / VAE_FOLDER)
@@ -171,8 +175,8 @@ def _earlier_save(directory: Path) -> _EarlierSave:
         return _EarlierSave(set(), False)
     files = {WEIGHTS_NAME}
     text, gen = config.get("text"), config.get("image_gen")
-    if isinstance(text, dict) and text.get("vocab") == VOCAB_NAME:
-        files.add(VOCAB_NAME)
+    if isinstance(text, dict) and text.get("vocab") in VOCAB_NAMES.values():
+        files.add(text["vocab"])
     index = directory / INDEX_NAME
     if index.is_file():
         try:

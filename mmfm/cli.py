@@ -328,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="the source library's format")
     conv.add_argument("--model-name", metavar="NAME", help="the source's architecture name, where SRC does not say")
     conv.add_argument(
-        "--base", default="mmfm-base", metavar="PRESET", help="preset for the parts SRC lacks (default: mmfm-base)"
+        "--base",
+        metavar="PRESET",
+        help="preset for the parts SRC lacks (default: text-only for a language model, else mmfm-base)",
     )
     conv.add_argument(
         "--overwrite",
@@ -663,7 +665,7 @@ def _convert(args: argparse.Namespace) -> None:
     model.save_pretrained(args.out)
     print(f"mmfm: wrote {args.out} ({args.source} weights from {args.src})", file=sys.stderr)
     if fresh:
-        print(f"mmfm: freshly initialised from {args.base}: {', '.join(fresh)}", file=sys.stderr)
+        print(f"mmfm: freshly initialised from {model.config.name}: {', '.join(fresh)}", file=sys.stderr)
 
 
 def _train(args: argparse.Namespace) -> None:

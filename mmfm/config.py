@@ -366,8 +366,9 @@ class TextConfig:
     """Tokenizer, text length policy and an optional text tower.
 
     Attributes:
-        tokenizer: "clip" (open_clip's CLIP BPE, shipped with open_clip, works offline), "byte" (UTF-8 bytes) or
-            "wordpiece" (BERT's WordPiece over the vocabulary file `vocab`).
+        tokenizer: "clip" (open_clip's CLIP BPE, shipped with open_clip, works offline), "byte" (UTF-8 bytes),
+            "wordpiece" (BERT's WordPiece over the vocabulary file `vocab`) or "hf" (a Hugging Face tokenizer.json,
+            `vocab`, through the `tokenizers` library: a pretrained language model's own tokenizer).
         max_length: most tokens per text, BOS and EOS included; longer texts lose tokens from the end, EOS kept.
         vocab: the "wordpiece" vocabulary file: BERT's vocab.txt (one token per line) or a Hugging Face
             tokenizer.json with a WordPiece model. A relative path in a YAML file is relative to that file's
@@ -377,14 +378,27 @@ class TextConfig:
         strip_accents: "wordpiece": remove accents; None follows `lowercase`, as BERT does.
         tower: a text transformer of its own for text embeddings (CLIP's text tower, a sentence encoder); None
             means text is embedded only through the backbone.
+        vocab_size: rows of the token embedding (and of an LM head); None means the tokenizer's vocabulary size. A
+            pretrained language model may have more rows than its tokenizer has ids (padding for speed).
+        bos_token, eos_token, pad_token: "hf": the model's special tokens, as text (None: the model has none; BOS
+            falls back to EOS, PAD to EOS).
+        stop_tokens: "hf": more tokens that end generation besides `eos_token` (Llama 3's "<|eot_id|>", say).
+        chat_template: the model's Jinja chat template (as in its tokenizer_config.json or GGUF metadata), which
+            turns a conversation into the text the model was trained on; None: the model has none.
     """
 
-    tokenizer: Literal["clip", "byte", "wordpiece"] = "clip"
+    tokenizer: Literal["clip", "byte", "wordpiece", "hf"] = "clip"
     max_length: int = 77
     vocab: str | None = None
     lowercase: bool = True
     strip_accents: bool | None = None
     tower: TextTowerConfig | None = None
+    vocab_size: int | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    stop_tokens: list[str] = field(default_factory=list)
+    chat_template: str | None = None
 
     def check(self, fail: Fail, key: str) -> None:
         """Tokenizer files and the text tower's shape; the vocabulary file itself is read when the model is built."""
@@ -392,8 +406,19 @@ class TextConfig:
             fail(f"{key}.max_length must leave room for BOS and EOS, got {self.max_length}")
         if self.tokenizer == "wordpiece" and not self.vocab:
             fail(f"{key}.tokenizer 'wordpiece' needs {key}.vocab, the path of its vocab.txt")
-        if self.tokenizer != "wordpiece" and self.vocab is not None:
-            fail(f"{key}.vocab is read only by the 'wordpiece' tokenizer, but {key}.tokenizer is {self.tokenizer!r}")
+        if self.tokenizer not in ("wordpiece", "hf") and self.vocab is not None:
+            fail(
+                f"{key}.vocab is read only by the 'wordpiece' and 'hf' tokenizers, but {key}.tokenizer is "
+                f"{self.tokenizer!r}"
+            )
+        if self.vocab_size is not None and self.vocab_size < 1:
+            fail(f"{key}.vocab_size must be >= 1, got {self.vocab_size}")
+        special = ("bos_token", "eos_token", "pad_token", "stop_tokens")
+        if self.tokenizer != "hf" and any(getattr(self, name) for name in special):
+            fail(
+                f"{key}.{', '.join(special)} are read only by the 'hf' tokenizer, but {key}.tokenizer is "
+                f"{self.tokenizer!r}"
+            )
         if self.tower is not None:
             self.tower.check(fail, f"{key}.tower")
             if self.max_length > self.tower.context_length:
@@ -401,6 +426,34 @@ class TextConfig:
                     f"{key}.max_length ({self.max_length}) exceeds {key}.tower.context_length "
                     f"({self.tower.context_length})"
                 )
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama 3.1's RoPE frequency scaling: long wavelengths are slowed by `factor`, short ones kept, and the band
+    between is interpolated, so a model trained on `original_max_seq_len` tokens reads longer sequences.
+
+    Attributes:
+        type: the scaling rule; only "llama3".
+        factor: how much the long wavelengths are stretched.
+        low_freq_factor: wavelengths longer than original_max_seq_len / low_freq_factor are fully scaled.
+        high_freq_factor: wavelengths shorter than original_max_seq_len / high_freq_factor are kept.
+        original_max_seq_len: the context length the model was pretrained with.
+    """
+
+    type: Literal["llama3"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def check(self, fail: Fail, key: str) -> None:
+        check_positive(self, fail, key, ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"))
+        if self.high_freq_factor <= self.low_freq_factor:
+            fail(
+                f"{key}.high_freq_factor ({self.high_freq_factor}) must exceed {key}.low_freq_factor "
+                f"({self.low_freq_factor})"
+            )
 
 
 @dataclass
@@ -418,6 +471,8 @@ class BackboneConfig:
         max_seq_len: longest sequence (media tokens + text) the RoPE tables cover.
         dropout: dropout on attention and MLP outputs during training.
         grad_checkpointing: recompute block activations in backward to save memory.
+        qkv_bias: the query, key and value projections have biases (Qwen2).
+        rope_scaling: stretch RoPE's long wavelengths for long contexts (Llama 3.1's "llama3" scaling); None: plain.
     """
 
     dim: int = 768
@@ -430,6 +485,8 @@ class BackboneConfig:
     max_seq_len: int = 2048
     dropout: float = 0.0
     grad_checkpointing: bool = False
+    qkv_bias: bool = False
+    rope_scaling: RopeScalingConfig | None = None
 
     @property
     def head_dim(self) -> int:
@@ -456,17 +513,21 @@ class BackboneConfig:
             fail(f"{key}.dim / {key}.num_heads = {self.head_dim} must be even for rotary embeddings")
         if not 0.0 <= self.dropout < 1.0:
             fail(f"{key}.dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_scaling is not None:
+            self.rope_scaling.check(fail, f"{key}.rope_scaling")
 
 
 @dataclass
 class CaptionHeadConfig:
-    """Text generation from the backbone: an LM head tied to the text embedding.
+    """Text generation from the backbone: an LM head, tied to the text embedding or a matrix of its own.
 
     Attributes:
         max_new_tokens: default generation length.
+        tied: the LM head's weight is the token embedding table (False: an untied head, as Llama 3 8B has).
     """
 
     max_new_tokens: int = 32
+    tied: bool = True
 
     def check(self, fail: Fail, key: str) -> None:
         if self.max_new_tokens < 1:

@@ -17,6 +17,7 @@ and its shard index's files, must lie inside it (symbolic links inside it are fo
 
 from __future__ import annotations
 
+import inspect
 import os
 import stat
 import warnings
@@ -31,7 +32,7 @@ from mmfm.checkpoint import (
     INDEX_NAME,
     SHARD_PATTERN,
     VAE_FOLDER,
-    VOCAB_NAME,
+    VOCAB_NAMES,
     WEIGHTS_NAME,
     checkpoint_file,
     is_checkpoint_folder,
@@ -208,7 +209,7 @@ def check_convert_output(src: str | Path, out: str | Path, overwrite: bool = Fal
 def _written_by_save(path: Path, folder: Path) -> bool:
     """Whether `save_pretrained(model, folder)` may write over `path` (both resolved)."""
     if path.parent == folder:
-        names = (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, VOCAB_NAME)
+        names = (CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME, *VOCAB_NAMES.values())
         return path.name in names or bool(SHARD_PATTERN.fullmatch(path.name))
     return path == folder / VAE_FOLDER or folder / VAE_FOLDER in path.parents
 
@@ -234,6 +235,7 @@ def build_from_weights(
     strict: bool = True,
     required: tuple[str, ...] | None = None,
     dtype: torch.dtype | None = None,
+    tokenizer: Any = None,
 ) -> MultimodalModel:
     """Builds the model `config` describes around the weights in `state`; returns it in eval mode.
 
@@ -249,14 +251,15 @@ def build_from_weights(
         strict: refuse missing or unexpected weights (mis-shaped weights are always refused).
         required: with strict, only keys under these prefixes count as missing (see `checkpoint.load_weights`).
         dtype: convert the weights to this dtype as they are taken (default: keep the model's float32).
+        tokenizer: a ready tokenizer for the model (`mmfm.convert.Converted.tokenizer`); None builds the config's.
     """
     state = upgrade_keys(state)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     with parameters_on_meta():
-        model = MultimodalModel(config)
+        model = MultimodalModel(config, tokenizer)
     if set(unique_state_dict(model)) - set(state):
-        model = MultimodalModel(config)
+        model = MultimodalModel(config, tokenizer)
     if dtype is not None:
         model.to(dtype)
     load_weights(model, state, source, strict=strict, required=required)
@@ -264,16 +267,22 @@ def build_from_weights(
 
 
 def from_converted(
-    converted: Any, base: ModelConfig | str = DEFAULT_BASE, source: str = "<converted>", strict: bool = True
+    converted: Any,
+    base: ModelConfig | str | None = None,
+    source: str = "<converted>",
+    strict: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> tuple[MultimodalModel, list[str]]:
     """The model holding a converter's weights (`mmfm.convert.convert`); components they lack come from `base`.
 
     Args:
         converted: a converter's output (`mmfm.convert.Converted`).
-        base: the config, or preset name, that supplies every component the converter did not bring.
+        base: the config, or preset name, that supplies every component the converter did not bring; None: the
+            converter's own suggestion (`Converted.base`: text-only for a language model), else `DEFAULT_BASE`.
         source: the checkpoint's name for error messages.
         strict: refuse weights the model has no place for, and missing weights inside the components the
             converted weights bring (mis-shaped weights are always refused).
+        dtype: the parameters' dtype; the weights are converted as they are taken.
 
     Returns:
         The model in eval mode, and the names of its freshly initialised components ("backbone",
@@ -281,9 +290,19 @@ def from_converted(
     """
     from mmfm.convert import build_config, component_of
 
-    config = build_config(converted.config, base)
+    config = build_config(converted.config, base or converted.base or DEFAULT_BASE)
     brought = tuple(sorted({component_of(k) + "." for k in converted.state_dict}))
-    model = build_from_weights(config, converted.state_dict, source, strict=strict, required=brought)
+    model = build_from_weights(
+        config,
+        converted.state_dict,
+        source,
+        strict=strict,
+        required=brought,
+        dtype=dtype,
+        tokenizer=converted.tokenizer,
+    )
+    if dtype is not None:
+        model.to(dtype)  # freshly initialised components too
     # `k + "."`: a component can be a single tensor (heads.contrastive.logit_scale)
     return model, sorted({component_of(k) for k in unique_state_dict(model) if not (k + ".").startswith(brought)})
 
@@ -320,9 +339,11 @@ def _load_local(
     convert_kwargs: dict[str, Any] | None = None,
 ) -> MultimodalModel:
     """Loads an mmfm checkpoint at `location`, or converts it with `source` (detected for a Hugging Face dir)."""
-    from mmfm.convert import convert, list_sources, source_for_hf_directory
+    from mmfm.convert import convert, get_converter, list_sources, source_for_hf_directory
     from mmfm.convert.io import read_state_dict
 
+    if source is None and location.suffix.lower() == ".gguf" and location.is_file():
+        source = "gguf"
     if source in (None, "mmfm") and location.is_file():
         config_path = location.parent / CONFIG_NAME
         if not config_path.is_file():
@@ -345,14 +366,17 @@ def _load_local(
     if source in (None, "mmfm"):
         config = _read_config(location / CONFIG_NAME)
         return build_from_weights(config, read_weights(location), str(location), strict=strict, dtype=dtype)
-    converted = convert(source, location, **(convert_kwargs or {}))
-    model, fresh = from_converted(converted, base or DEFAULT_BASE, f"{location} ({source})", strict=strict)
+    kwargs = dict(convert_kwargs or {})
+    if dtype is not None and "dtype" in inspect.signature(get_converter(source)).parameters:
+        kwargs["dtype"] = dtype  # a converter that makes its tensors in the dtype asked for (GGUF dequantizing)
+    converted = convert(source, location, **kwargs)
+    model, fresh = from_converted(converted, base, f"{location} ({source})", strict=strict, dtype=dtype)
     if fresh:
         warnings.warn(
             f"{location}: the {source} weights leave {', '.join(fresh)} freshly initialised (from {model.config.name})",
             stacklevel=3,
         )
-    return model.to(dtype) if dtype is not None else model
+    return model
 
 
 def _read_config(path: Path) -> ModelConfig:

@@ -16,7 +16,7 @@ from mmfm.backbone import Backbone
 from mmfm.config import DEFAULT_BATCH_SIZE, HEADS, MEDIA, MEDIA_MODALITIES, ModelConfig, import_object
 from mmfm.decoding import DecoderParts
 from mmfm.encoders.token_embedding import TokenEmbedding
-from mmfm.encoders.tokenizers import build_tokenizer
+from mmfm.encoders.tokenizers import Tokenizer, build_tokenizer
 from mmfm.errors import ConfigError, InputError
 from mmfm.pass_cache import PassCache
 from mmfm.projector import Projector
@@ -55,15 +55,23 @@ class MultimodalModel(nn.Module):
 
     Args:
         config: the whole model's config; saved beside every checkpoint.
+        tokenizer: a ready tokenizer (one read from a GGUF file, say) instead of building the one `config.text`
+            names.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None):
         super().__init__()
         self.config = config
         dim = config.backbone.dim
-        self.tokenizer = build_tokenizer(config.text)
+        self.tokenizer = build_tokenizer(config.text) if tokenizer is None else tokenizer
+        vocab_size = config.text.vocab_size or self.tokenizer.vocab_size
+        if vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(
+                f"{config.name}: text.vocab_size ({vocab_size}) is smaller than the tokenizer's vocabulary "
+                f"({self.tokenizer.vocab_size} ids)"
+            )
         # registered first, so a tied LM head is saved under this name
-        self.token_embedding = TokenEmbedding(self.tokenizer.vocab_size, dim)
+        self.token_embedding = TokenEmbedding(vocab_size, dim)
         self.processors: dict[str, Any] = {}
         encoders: dict[str, nn.Module] = {}
         for modality, spec in MEDIA.items():
@@ -328,6 +336,52 @@ class MultimodalModel(nn.Module):
         from mmfm import pipelines
 
         return pipelines.generate_image(self, text, images, audio, **options)
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Adds special tokens (mmfm's `<image>`, `<audio>`, ...) to an "hf" tokenizer; returns their ids.
+
+        Tokens the tokenizer already has keep their ids. The token embedding (and an untied LM head) grows to
+        hold every id, the new rows set to the mean of the existing ones, so the new tokens start where an
+        average token is and the model's outputs on old text are unchanged. `config.text.vocab_size` follows.
+        """
+        if not hasattr(self.tokenizer, "add_special_tokens"):
+            raise InputError(
+                f"the {self.config.text.tokenizer!r} tokenizer has a fixed vocabulary; special tokens can be added "
+                "to an 'hf' tokenizer only"
+            )
+        ids = self.tokenizer.add_special_tokens(list(tokens))
+        rows = max(self.token_embedding.num_embeddings, self.tokenizer.vocab_size)
+        if rows > self.token_embedding.num_embeddings:
+            self._grow_vocabulary(rows)
+        return ids
+
+    def _grow_vocabulary(self, rows: int) -> None:
+        old = self.token_embedding
+        grown = TokenEmbedding(rows, old.embedding_dim).to(device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            grown.weight[: old.num_embeddings] = old.weight
+            grown.weight[old.num_embeddings :] = old.weight.mean(dim=0)
+        self.token_embedding = grown
+        if "caption" in self.heads:
+            self.heads["caption"].resize(grown)
+        self.config.text.vocab_size = rows
+
+    def generate_text(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        messages: Sequence[Any] | None = None,
+        stream: bool = False,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: bool = False,
+        **generation: Any,
+    ) -> str | list[str] | Iterator[str]:
+        """Continues prompts or answers conversations (`messages=`); see `mmfm.text_pipeline.generate_text`."""
+        from mmfm import text_pipeline
+
+        return text_pipeline.generate_text(
+            self, prompts, messages=messages, stream=stream, batch_size=batch_size, progress=progress, **generation
+        )
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Writes `config.yaml` and `model.safetensors` (sharded when large) into `directory`."""

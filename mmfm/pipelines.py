@@ -89,7 +89,7 @@ def caption(
     prompts = _prompts(prompt, _count(inputs) if inputs else None)
     count = len(prompts)
     out: list[str] = []
-    for rows in _batches(count, batch_size, progress, "caption"):
+    for rows in batches(count, batch_size, progress, "caption"):
         media = _process(model, _rows(inputs, rows))
         out += caption_tensors(model, media, prompts[rows], **generation)
     return out
@@ -149,7 +149,7 @@ def classify(
         probs = torch.cat(
             [
                 head.probabilities(model.classify_logits(_process(model, _rows(inputs, rows))).float()).cpu()
-                for rows in _batches(_count(inputs), batch_size, progress, "classify")
+                for rows in batches(_count(inputs), batch_size, progress, "classify")
             ]
         )
     else:
@@ -165,7 +165,7 @@ def classify(
                 .float()
                 .softmax(dim=-1)
                 .cpu()
-                for rows in _batches(len(items), batch_size, progress, "classify")
+                for rows in batches(len(items), batch_size, progress, "classify")
             ]
         )
     best = probs.argmax(dim=-1).tolist()
@@ -196,13 +196,13 @@ def embed(
     if text is not None:
         if images is not None or audio is not None:
             raise InputError("embed takes one modality at a time: text=, images= or audio=")
-        texts = _texts(text)
+        texts = text_items(text)
         return _embed_texts(model, texts, batch_size, progress)
     modality, items = _one_modality(model, images=images, audio=audio)
     return torch.cat(
         [
             model.embed_tensors(modality, _process(model, {modality: items[rows]})[modality]).cpu()
-            for rows in _batches(len(items), batch_size, progress, "embed")
+            for rows in batches(len(items), batch_size, progress, "embed")
         ]
     )
 
@@ -261,7 +261,7 @@ def generate_image(
         batch_size=batch_size,
     )
     head.check_sampling(**sampling)  # before any media is read or the backbone runs
-    texts = None if text is None else _texts(text)
+    texts = None if text is None else text_items(text)
     media = _process(model, _media_inputs(model, images=images, audio=audio))
     ids = mask = None
     if texts is not None:
@@ -351,7 +351,7 @@ def _items(argument: str, items: object, modality: str) -> list[Any]:
     return list(items)
 
 
-def _texts(text: object) -> list[str]:
+def text_items(text: object) -> list[str]:
     """`text=` as a list of strings: one string is one text; a list or tuple of strings; anything else refused."""
     if isinstance(text, str):
         return [text]
@@ -453,7 +453,7 @@ def _rows(inputs: dict[str, list[Any]], rows: slice) -> dict[str, list[Any]]:
     return {m: items[rows] for m, items in inputs.items()}
 
 
-def _batches(count: int, batch_size: int, progress: bool, what: str) -> Iterator[slice]:
+def batches(count: int, batch_size: int, progress: bool, what: str) -> Iterator[slice]:
     """Slices of at most `batch_size` items covering `count` items, with an optional progress bar."""
     batch_size = whole_number("batch_size", batch_size, 1)
     starts = range(0, count, batch_size)
@@ -471,7 +471,7 @@ def _embed_texts(
 ) -> Tensor:
     """(N, E) unit text embeddings on the CPU, `batch_size` texts at a time."""
     out = []
-    for rows in _batches(len(texts), batch_size, progress, "embed"):
+    for rows in batches(len(texts), batch_size, progress, "embed"):
         ids, mask = model.tokenizer(texts[rows], model.config.text.max_length)
         out.append(model.embed_tensors("text", ids.to(model.device), mask.to(model.device)).cpu())
     return torch.cat(out)

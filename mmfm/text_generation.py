@@ -11,7 +11,7 @@ import difflib
 import math
 import numbers
 import reprlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -44,6 +44,9 @@ class GenerationConfig:
         top_k: sample among the k most likely tokens only; 0 disables.
         top_p: sample among the smallest set of tokens whose probability reaches p; 1.0 disables.
         length_penalty: beam hypotheses are ranked by sum log-prob / length ** length_penalty.
+        repetition_penalty: logits of tokens already in the prompt or the output are divided by this where
+            positive and multiplied where negative (CTRL's penalty, as transformers applies it); 1.0 disables.
+        stop: strings that end a text where they appear (the text is cut before them).
         seed: seeds a private generator, so sampling is reproducible and leaves the global RNG alone.
         use_cache: decode incrementally with a KV cache (False recomputes the sequence every step).
     """
@@ -55,6 +58,8 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: Sequence[str] = ()
     seed: int | None = None
     use_cache: bool = True
 
@@ -71,6 +76,8 @@ class GenerationConfig:
         self.top_k = whole_number("top_k", self.top_k, 0)
         self.top_p = finite_number("top_p", self.top_p, above=0.0, high=1.0)
         self.length_penalty = finite_number("length_penalty", self.length_penalty)
+        self.repetition_penalty = finite_number("repetition_penalty", self.repetition_penalty, above=0.0)
+        self.stop = _strings("stop", self.stop)
         self.seed = check_seed("seed", self.seed)
 
     @classmethod
@@ -133,6 +140,14 @@ def _flag(name: str, value: object) -> bool:
     return bool(value)
 
 
+def _strings(name: str, value: object) -> tuple[str, ...]:
+    """One non-empty string or a sequence of them, as a tuple; else InputError."""
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or not all(isinstance(v, str) and v for v in items):
+        raise InputError(f"{name} must be a non-empty string or a list of them, got {_shown(value)}")
+    return tuple(items)
+
+
 def _shown(value: object) -> str:
     """A value for an error message, bounded in length (a huge int or a long list is not printed whole)."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value).bit_length() > 128:
@@ -142,52 +157,105 @@ def _shown(value: object) -> str:
 
 
 def generate(
-    state: DecoderState, config: GenerationConfig, eos_id: int, suppress_ids: Sequence[int] = ()
+    state: DecoderState,
+    config: GenerationConfig,
+    eos_ids: int | Sequence[int],
+    suppress_ids: Sequence[int] = (),
+    prompt_ids: Tensor | None = None,
 ) -> list[list[int]]:
-    """Generates token ids for every row of `state`; each list stops before EOS.
+    """Generates token ids for every row of `state`; each list stops before its EOS.
+
+    Args:
+        state: the decoder, primed with the prompt.
+        config: how tokens are chosen (`stop` strings are the caller's: they need a tokenizer).
+        eos_ids: the token, or tokens, that end a row (not returned).
+        suppress_ids: tokens never generated, such as BOS and padding.
+        prompt_ids: (B, T) the prompt's ids, for `repetition_penalty` (padding may be given as -1).
+    """
+    eos = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    if config.num_beams > 1:
+        suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=state.logits.device)
+        return _beam_search(state, config, eos[0], suppress)
+    steps = Sampler(state, config, eos, suppress_ids, prompt_ids)
+    out = torch.stack(list(steps), dim=1).tolist()  # (B, T)
+    return [_until(row, eos) for row in out]
+
+
+def _until(row: list[int], eos: list[int]) -> list[int]:
+    ends = [i for i, token in enumerate(row) if token in eos]
+    return row[: ends[0]] if ends else row
+
+
+class Sampler:
+    """Greedy or sampled decoding, one step at a time: iterating yields each step's (B,) tokens.
+
+    A row that has ended (on an EOS, or because the caller set `ended[row]`, at a stop string say) yields its
+    first EOS id from then on; iteration stops when every row has ended or after `max_new_tokens` steps.
 
     Args:
         state: the decoder, primed with the prompt.
         config: how tokens are chosen.
-        eos_id: the token that ends a row (not returned).
-        suppress_ids: tokens never generated, such as BOS and padding.
+        eos_ids: the tokens that end a row.
+        suppress_ids: tokens never generated.
+        prompt_ids: (B, T) the prompt's ids for `repetition_penalty`; negative ids (padding) are ignored.
     """
-    suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=state.logits.device)
-    if config.num_beams > 1:
-        return _beam_search(state, config, eos_id, suppress)
-    return _greedy_or_sample(state, config, eos_id, suppress)
+
+    def __init__(
+        self,
+        state: DecoderState,
+        config: GenerationConfig,
+        eos_ids: Sequence[int],
+        suppress_ids: Sequence[int] = (),
+        prompt_ids: Tensor | None = None,
+    ):
+        self.state, self.config = state, config
+        batch, vocab = state.logits.shape
+        device = state.logits.device
+        self.eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+        self.suppress = torch.tensor(list(suppress_ids), dtype=torch.long, device=device)
+        self.ended = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.seen = None  # (B, vocab) tokens the repetition penalty applies to
+        if config.repetition_penalty != 1.0:
+            self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+            if prompt_ids is not None:
+                ids = prompt_ids.to(device)
+                self.seen.scatter_(1, ids.clamp(min=0), ids >= 0)
+        self.generator = None
+        if config.do_sample:
+            self.generator = torch.Generator(device=device)
+            if config.seed is not None:
+                self.generator.manual_seed(config.seed)
+            else:
+                self.generator.seed()
+
+    def __iter__(self) -> Iterator[Tensor]:
+        config, state = self.config, self.state
+        for step in range(config.max_new_tokens):
+            if step:
+                state.advance(self._last)
+            logits = _next_logits(state, self.suppress)
+            if self.seen is not None:
+                penalised = torch.where(
+                    logits > 0, logits / config.repetition_penalty, logits * config.repetition_penalty
+                )
+                logits = torch.where(self.seen, penalised, logits)
+            if config.do_sample:
+                probs = filter_logits(logits / config.temperature, config.top_k, config.top_p).softmax(-1)
+                tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+            else:
+                tokens = logits.argmax(dim=-1)
+            tokens = tokens.masked_fill(self.ended, int(self.eos[0]))  # (B,)
+            if self.seen is not None:
+                self.seen.scatter_(1, tokens[:, None], True)
+            self.ended |= torch.isin(tokens, self.eos)
+            self._last = tokens
+            yield tokens
+            if self.ended.all():
+                return
 
 
 def _next_logits(state: DecoderState, suppress: Tensor) -> Tensor:
     return state.logits.float().index_fill(-1, suppress, float("-inf")) if len(suppress) else state.logits.float()
-
-
-def _greedy_or_sample(state: DecoderState, config: GenerationConfig, eos_id: int, suppress: Tensor) -> list[list[int]]:
-    batch, device = state.logits.shape[0], state.logits.device
-    generator = None
-    if config.do_sample:
-        generator = torch.Generator(device=device)
-        if config.seed is not None:
-            generator.manual_seed(config.seed)
-        else:
-            generator.seed()
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    steps = []
-    for step in range(config.max_new_tokens):
-        logits = _next_logits(state, suppress)
-        if config.do_sample:
-            probs = filter_logits(logits / config.temperature, config.top_k, config.top_p).softmax(-1)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            tokens = logits.argmax(dim=-1)
-        tokens = tokens.masked_fill(finished, eos_id)  # (B,)
-        steps.append(tokens)
-        finished |= tokens == eos_id
-        if finished.all() or step == config.max_new_tokens - 1:
-            break
-        state.advance(tokens)
-    out = torch.stack(steps, dim=1).tolist()  # (B, T)
-    return [row[: row.index(eos_id)] if eos_id in row else row for row in out]
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 # Modules under mmfm.convert whose import registers the built-in converters (add a module here, not in the caller).
-_BUILTIN_MODULES = ("ast", "timm", "open_clip", "hf_bert", "diffusers")
+_BUILTIN_MODULES = ("ast", "timm", "open_clip", "hf_bert", "diffusers", "hf_llama")
 
 # A Hugging Face config.json is a few KB; a larger file is not read to find its model_type.
 MAX_HF_CONFIG_BYTES = 16 * 1024**2
@@ -66,10 +66,16 @@ class Converted:
     Attributes:
         config: a whole `ModelConfig`, or a partial one: {ModelConfig field name: component config}.
         state_dict: tensors under `MultimodalModel.state_dict()` keys.
+        tokenizer: a ready tokenizer the model takes instead of building the one `config.text` names (a GGUF
+            file's, built from its metadata); None: built from the config.
+        base: the config, or preset name, that completes a partial config when the caller names none (a language
+            model's is text-only); None: the loader's default.
     """
 
     config: ModelConfig | dict[str, Any]
     state_dict: dict[str, Tensor]
+    tokenizer: Any = None
+    base: ModelConfig | str | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.config, self.state_dict))
@@ -180,7 +186,7 @@ def component_of(key: str) -> str:
     if parts[:2] == ["heads", "contrastive"]:
         # Dual-tower weights bring the temperature but not the projections of modalities embedded by the backbone.
         return ".".join(parts[:4] if parts[2] == "proj" else parts[:3])
-    return parts[0] if parts[0] == "backbone" else ".".join(parts[:2])
+    return parts[0] if parts[0] in ("backbone", "token_embedding") else ".".join(parts[:2])
 
 
 def _load_builtins() -> None:

@@ -1,0 +1,262 @@
+"""Text generation from text: prompts or chat conversations in, the model's continuations out, whole or streamed.
+
+```python
+model = mmfm.load("SmolLM2-135M-Instruct.Q4_1.gguf")
+model.generate_text("The capital of France is", max_new_tokens=8)              # -> " Paris. ..."
+model.generate_text(messages=[{"role": "user", "content": "What is the capital of France?"}])
+for piece in model.generate_text(messages=conversation, stream=True):            # pieces as they are decoded
+    print(piece, end="", flush=True)
+```
+
+A prompt is tokenized as the model's own library tokenizes it (an "hf" tokenizer's post-processor adds BOS where
+the model wants one); a conversation is rendered with the model's chat template, with the assistant's turn opened
+(`add_generation_prompt`), and tokenized as it stands, special tokens included. Decoding uses the KV-cache decoder
+and ends a row at any of the model's EOS tokens or at a `stop` string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmfm.config import DEFAULT_BATCH_SIZE
+from mmfm.decoding import CachedDecoder, RecomputingDecoder
+from mmfm.errors import InputError
+from mmfm.pipelines import batches, text_items
+from mmfm.text_generation import GenerationConfig, Sampler, generate
+
+# A `mmfm.model.MultimodalModel`, annotated `nn.Module` as in `mmfm.pipelines` (the model forwards here).
+MultimodalModel = nn.Module
+
+
+def generate_text(
+    model: MultimodalModel,
+    prompts: str | Sequence[str] | None = None,
+    *,
+    messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]] | None = None,
+    stream: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = False,
+    **generation: Any,
+) -> str | list[str] | Iterator[str]:
+    """Continues prompts, or answers conversations, with the model's language model.
+
+    Args:
+        model: the model; it needs a caption head (its LM head).
+        prompts: one text (returns one str) or a list of texts (returns a list).
+        messages: instead of prompts, one conversation (a list of {"role", "content"} turns; returns one str) or
+            a list of conversations (returns a list). The model's chat template renders them.
+        stream: return an iterator of text pieces as they are decoded (one prompt or conversation only);
+            pieces never split a character.
+        batch_size: prompts generated at once (left-padded to the longest).
+        progress: a progress bar over the batches.
+        **generation: `GenerationConfig` fields: max_new_tokens (default `caption.max_new_tokens`), do_sample,
+            temperature, top_k, top_p, repetition_penalty, stop, seed, num_beams, length_penalty, use_cache.
+
+    Returns:
+        The generated text without the prompt: one str, a list, or an iterator of pieces (`stream=True`).
+
+    Raises:
+        InputError: neither or both of prompts and messages; a conversation the template refuses; a prompt that
+            leaves no room to generate within `backbone.max_seq_len` (a shorter `max_new_tokens` is used when the
+            prompt leaves less room than asked for, never a truncated prompt).
+    """
+    model.head("caption")
+    config = GenerationConfig.from_options(generation, max_new_tokens=model.config.caption.max_new_tokens)
+    if (prompts is None) == (messages is None):
+        raise InputError("generate_text takes prompts or messages= (a conversation), one of them")
+    if messages is not None:
+        single = _is_conversation(messages)
+        conversations = [messages] if single else _conversations(messages)
+        rows = [
+            conversation_ids(model, c, f"messages[{i}]" if not single else "messages")
+            for i, c in enumerate(conversations)
+        ]
+    else:
+        single = isinstance(prompts, str)
+        rows = [prompt_ids(model, p) for p in text_items(prompts)]
+    if stream:
+        if len(rows) != 1:
+            raise InputError(f"stream=True generates one text at a time, got {len(rows)} prompts")
+        if config.num_beams > 1:
+            raise InputError("stream=True decodes token by token; beam search (num_beams > 1) cannot stream")
+        return _stream(model, rows[0], config)
+    texts = []
+    for batch in batches(len(rows), batch_size, progress, "generate"):
+        texts += _generate_batch(model, rows[batch], config)
+    return texts[0] if single else texts
+
+
+def prompt_ids(model: MultimodalModel, prompt: str) -> list[int]:
+    """A prompt's ids as the model's tokenizer frames a prompt (BOS where the model wants one, no EOS)."""
+    tok = model.tokenizer
+    if hasattr(tok, "encode_prompt"):
+        return tok.encode_prompt(prompt)
+    return [tok.bos_id, *tok.encode(prompt)]
+
+
+def conversation_ids(
+    model: MultimodalModel, messages: Sequence[Mapping[str, Any]], what: str = "messages"
+) -> list[int]:
+    """A conversation's ids: rendered by the model's chat template with the assistant's turn opened."""
+    from mmfm.chat_template import render_chat
+
+    text = model.config.text
+    if text.chat_template is None:
+        raise InputError(
+            f"{what}: this model has no chat template (text.chat_template); pass prompts instead, or set one"
+        )
+    rendered = render_chat(
+        text.chat_template, messages, add_generation_prompt=True, bos_token=text.bos_token, eos_token=text.eos_token
+    )
+    return model.tokenizer.encode(rendered)
+
+
+def _is_conversation(messages: object) -> bool:
+    return (
+        isinstance(messages, Sequence)
+        and not isinstance(messages, str)
+        and all(isinstance(m, Mapping) for m in messages)
+    )
+
+
+def _conversations(messages: object) -> list[Sequence[Mapping[str, Any]]]:
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise InputError(
+            f"messages= must be a conversation (a list of {{'role', 'content'}} dicts) or a list of them, got "
+            f"{type(messages).__name__}"
+        )
+    for i, conversation in enumerate(messages):
+        if not _is_conversation(conversation):
+            raise InputError(f"messages[{i}] must be a conversation: a list of {{'role', 'content'}} dicts")
+    return list(messages)
+
+
+def _left_padded(model: MultimodalModel, rows: list[list[int]], config: GenerationConfig) -> tuple[Tensor, Tensor, int]:
+    """(B, L) left-padded ids, their mask, and how many tokens fit after them."""
+    limit = model.config.backbone.max_seq_len
+    for i, row in enumerate(rows):
+        if len(row) >= limit:
+            raise InputError(
+                f"prompt {i} has {len(row)} tokens; the model reads at most backbone.max_seq_len = {limit}, and "
+                "generating needs at least one more: shorten the prompt"
+            )
+        if not row:
+            raise InputError(f"prompt {i} is empty after tokenization; a model needs at least one token to continue")
+    length = max(len(row) for row in rows)
+    ids = torch.full((len(rows), length), model.tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, length - len(row) :] = True
+    return ids.to(model.device), mask.to(model.device), min(config.max_new_tokens, limit - length)
+
+
+def _decoder(model: MultimodalModel, ids: Tensor, mask: Tensor, config: GenerationConfig):
+    seq = model.sequence(ids=ids, mask=mask)
+    parts = model.decoder_parts()
+    return CachedDecoder(parts, seq, config.max_new_tokens) if config.use_cache else RecomputingDecoder(parts, seq)
+
+
+def _eos_ids(model: MultimodalModel) -> list[int]:
+    tok = model.tokenizer
+    return list(getattr(tok, "eos_ids", [tok.eos_id]))
+
+
+def _suppressed(model: MultimodalModel) -> list[int]:
+    """Tokens never generated: none for a language model's own tokenizer; BOS and PAD for mmfm's."""
+    tok = model.tokenizer
+    if hasattr(tok, "encode_prompt"):
+        return []
+    return [tok.bos_id] if tok.pad_is_token else [tok.bos_id, tok.pad_id]
+
+
+@torch.no_grad()
+def _generate_batch(model: MultimodalModel, rows: list[list[int]], config: GenerationConfig) -> list[str]:
+    ids, mask, room = _left_padded(model, rows, config)
+    config = replace(config, max_new_tokens=room)
+    state = _decoder(model, ids, mask, config)
+    penalised = ids.masked_fill(~mask, -1)
+    tok = model.tokenizer
+    if not config.stop:
+        return [tok.decode(row) for row in generate(state, config, _eos_ids(model), _suppressed(model), penalised)]
+    eos = _eos_ids(model)
+    sampler = Sampler(state, config, eos, _suppressed(model), penalised)
+    texts = [_StoppingText(tok, config.stop) for _ in rows]
+    for tokens in sampler:
+        for i, token in enumerate(tokens.tolist()):
+            if not texts[i].done and texts[i].push(token, token in eos):
+                sampler.ended[i] = True  # a stop string: the row ends here
+    return [t.finish() for t in texts]
+
+
+@torch.no_grad()
+def _stream(model: MultimodalModel, row: list[int], config: GenerationConfig) -> Iterator[str]:
+    ids, mask, room = _left_padded(model, [row], config)
+    config = replace(config, max_new_tokens=room)
+    eos = _eos_ids(model)
+    sampler = Sampler(_decoder(model, ids, mask, config), config, eos, _suppressed(model), ids)
+    text = _StoppingText(model.tokenizer, config.stop)
+    for tokens in sampler:
+        token = int(tokens[0])
+        stopped = text.push(token, token in eos)
+        piece = text.take()
+        if piece:
+            yield piece
+        if stopped:
+            return
+    piece = text.finish()
+    if piece:
+        yield piece
+
+
+class _StoppingText:
+    """One row's text as tokens arrive: decoded incrementally, cut at the first stop string.
+
+    Text that could still be the start of a stop string is held back, so nothing past a stop is ever given out.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]):
+        from mmfm.encoders.hf_tokenizer import TextStream
+
+        self.stream = TextStream(tokenizer)
+        self.stops = tuple(stops)
+        self.ready, self.held, self.done = "", "", False
+
+    def push(self, token: int, is_eos: bool) -> bool:
+        """Adds one token (an EOS ends the text and is not decoded); True when the text has ended."""
+        if self.done:
+            return True
+        if is_eos:
+            self.done = True
+            self._add(self.stream.flush(), final=True)
+            return True
+        self._add(self.stream.push(token))
+        return self.done
+
+    def take(self) -> str:
+        """The text that became final since the last call."""
+        out, self.ready = self.ready, ""
+        return out
+
+    def finish(self) -> str:
+        """Everything not yet taken, the row having ended (max_new_tokens reached or an EOS)."""
+        if not self.done:
+            self.done = True
+            self._add(self.stream.flush(), final=True)
+        return self.take()
+
+    def _add(self, piece: str, final: bool = False) -> None:
+        held = self.held + piece
+        cuts = [i for i in (held.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.ready += held[: min(cuts)]
+            self.held, self.done = "", True
+            return
+        keep = 0 if final else max((n for s in self.stops for n in range(1, len(s)) if held.endswith(s[:n])), default=0)
+        self.ready += held[: len(held) - keep]
+        self.held = held[len(held) - keep :]
