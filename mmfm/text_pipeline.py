@@ -17,7 +17,7 @@ and ends a row at any of the model's EOS tokens or at a `stop` string.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -176,14 +176,34 @@ def _suppressed(model: MultimodalModel) -> list[int]:
 
 
 @torch.no_grad()
+def generate_token_ids(model: MultimodalModel, prompts: Sequence[Sequence[int]], **generation: Any) -> list[list[int]]:
+    """The generated ids of every prompt given as ids (what `generate_text` decodes), each cut before its EOS.
+
+    Args:
+        model: the model; it needs a caption head.
+        prompts: token ids of each prompt (`prompt_ids`, `conversation_ids`), generated together, left-padded.
+        **generation: `GenerationConfig` fields; `stop` strings need text and are `generate_text`'s.
+    """
+    model.head("caption")
+    config = GenerationConfig.from_options(generation, max_new_tokens=model.config.caption.max_new_tokens)
+    if config.stop:
+        raise InputError("stop strings end texts, not ids: use generate_text")
+    ids, mask, room = _left_padded(model, [list(p) for p in prompts], config)
+    config = replace(config, max_new_tokens=room)
+    state = _decoder(model, ids, mask, config)
+    return generate(state, config, _eos_ids(model), _suppressed(model), ids.masked_fill(~mask, -1))
+
+
+@torch.no_grad()
 def _generate_batch(model: MultimodalModel, rows: list[list[int]], config: GenerationConfig) -> list[str]:
+    tok = model.tokenizer
+    if not config.stop:
+        options = {f.name: getattr(config, f.name) for f in fields(config)}
+        return [tok.decode(row) for row in generate_token_ids(model, rows, **options)]
     ids, mask, room = _left_padded(model, rows, config)
     config = replace(config, max_new_tokens=room)
     state = _decoder(model, ids, mask, config)
     penalised = ids.masked_fill(~mask, -1)
-    tok = model.tokenizer
-    if not config.stop:
-        return [tok.decode(row) for row in generate(state, config, _eos_ids(model), _suppressed(model), penalised)]
     eos = _eos_ids(model)
     sampler = Sampler(state, config, eos, _suppressed(model), penalised)
     texts = [_StoppingText(tok, config.stop) for _ in rows]
