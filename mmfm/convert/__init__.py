@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 # Modules under mmfm.convert whose import registers the built-in converters (add a module here, not in the caller).
-_BUILTIN_MODULES = ("ast", "timm", "open_clip", "hf_bert", "diffusers")
+_BUILTIN_MODULES = ("ast", "timm", "open_clip", "hf_bert", "diffusers", "gguf")
 
 # A Hugging Face config.json is a few KB; a larger file is not read to find its model_type.
 MAX_HF_CONFIG_BYTES = 16 * 1024**2
@@ -66,10 +66,13 @@ class Converted:
     Attributes:
         config: a whole `ModelConfig`, or a partial one: {ModelConfig field name: component config}.
         state_dict: tensors under `MultimodalModel.state_dict()` keys.
+        tokenizer: a ready tokenizer the source carries in no file of its own (a GGUF file's, built from its
+            metadata), for the model to take; None when the config's text section describes the tokenizer.
     """
 
     config: ModelConfig | dict[str, Any]
     state_dict: dict[str, Tensor]
+    tokenizer: Any = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.config, self.state_dict))
