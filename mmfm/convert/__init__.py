@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 # Modules under mmfm.convert whose import registers the built-in converters (add a module here, not in the caller).
-_BUILTIN_MODULES = ("ast", "timm", "open_clip", "hf_bert", "diffusers", "hf_llama")
+_BUILTIN_MODULES = ("ast", "timm", "open_clip", "hf_bert", "diffusers", "hf_llama", "gguf")
 
 # A Hugging Face config.json is a few KB; a larger file is not read to find its model_type.
 MAX_HF_CONFIG_BYTES = 16 * 1024**2

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TypeVar
 
 from torch import Tensor
 
 from mmfm.errors import CheckpointError
 
 _INDEX = re.compile(r"\.(\d+)\.")
+T = TypeVar("T")
 
 
-def rename(state: dict[str, Tensor], key_map: dict[str, str], source: str) -> dict[str, Tensor]:
-    """Renames every key of `state` through a template map.
+def rename(state: dict[str, T], key_map: dict[str, str], source: str) -> dict[str, T]:
+    """Renames every key of `state` through a template map (its values, tensors or anything else, are kept).
 
     A key's first `.N.` is abstracted to `.{}.` to look it up, and N is put back into the target template,
     so one entry covers every block.
