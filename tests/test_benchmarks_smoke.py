@@ -32,6 +32,10 @@ RATIOS = (
     "import_vs_torch",
     "help_vs_torch",
     "model_import_vs_torch",
+    "llm_decode_b1",
+    "llm_decode_b8",
+    "llm_bandwidth_b1",
+    "llm_prefill",
 )
 # bench_build_caption compares against a commit of this repository's history: a clone without it skips them.
 BASELINE_RATIOS = (
