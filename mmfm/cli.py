@@ -1,4 +1,4 @@
-"""The `mmfm` command: inspect models, caption, classify and embed files, generate images, from the shell.
+"""The `mmfm` command: inspect models; caption, classify and embed files; generate images and text; chat.
 
 Every subcommand is a thin layer over the Python API (`mmfm.loader.open_model`, `mmfm.pipelines`); errors mmfm
 raises on purpose are printed as one line, with exit code 2. The parser is built without torch or the model
@@ -8,7 +8,8 @@ The inference commands (caption, classify, embed, generate-image) share their op
 name, a shipped config name, a checkpoint folder, a pretrained tag or an `hf-hub:org/name` repository),
 `--device`, `--dtype`, `--batch-size` and `--json`; their inputs are files or folders (walked recursively,
 files taken by extension). A progress bar is drawn on stderr when stderr is a terminal and there is more than
-one batch; stdout only ever holds the results.
+one batch; stdout only ever holds the results. `generate-text` takes the same options and PROMPT texts; its
+`--chat` conversation loop lives in `mmfm.cli_chat`.
 """
 
 from __future__ import annotations
@@ -41,7 +42,18 @@ MAX_LABELS_FILE_BYTES = 4 * 1024 * 1024
 _QUOTE_LIMIT = 200
 
 # Options whose values are text for the model (read as UTF-8), as opposed to file names (any bytes the OS allows).
-_TEXT_OPTIONS = {"text": "--text", "prompt": "--prompt", "labels": "--labels", "overrides": "override"}
+_TEXT_OPTIONS = {
+    "text": "--text",
+    "prompt": "--prompt",
+    "prompts": "PROMPT",
+    "system": "--system",
+    "stop": "--stop",
+    "labels": "--labels",
+    "overrides": "override",
+}
+
+# `mmfm export --to FORMAT`: the module and function that write each format (imported when the command runs).
+EXPORTERS = {"hf_llama": ("mmfm.convert.hf_llama", "export_hf_llama")}
 
 _MODEL_HELP = (
     "a preset or shipped config name (`mmfm info --list`; random weights: for trying the command, not for real "
@@ -61,11 +73,16 @@ examples:
   mmfm classify --model out/ cat.jpg --labels cat,dog,bird
   mmfm embed --model out/ --text "a cat" --text "a dog" --out text.npy
   mmfm generate-image --model out/ --text "a red square" --out square.png
+  mmfm generate-text --model llm/ "The capital of France is"    a continuation, streamed
+  mmfm generate-text --model llm/ --chat                        a conversation on the terminal
   mmfm data digits data/digits/                     write the demo dataset: digits, tones, manifests
   mmfm convert ast_dir/ out/ --from ast             weights of another library -> an mmfm checkpoint
+  mmfm convert model.gguf llm/ --from gguf          a Llama-family LLM (GGUF file or HF folder) -> mmfm
+  mmfm export llm/ hf/ --to hf_llama                an mmfm language model -> a Hugging Face folder
 
 `mmfm COMMAND --help` explains each command and its options. The inference commands (caption, classify,
-embed, generate-image) all take --model, --device, --dtype, --batch-size and --json, and files or folders.
+embed, generate-image, generate-text) all take --model, --device, --dtype, --batch-size and --json; their
+inputs are files or folders (generate-image: --text, --audio or --image; generate-text: PROMPT texts).
 """
 
 _INFO_EPILOG = """\
@@ -200,11 +217,51 @@ examples:
   mmfm convert vit.safetensors out/ --from timm --model-name vit_base_patch16_224
   mmfm convert hf_ast/ out/ --from ast --base mmfm-small    the other components from mmfm-small
   mmfm convert pipeline/ out/ --from diffusers              a diffusers UNet (+ vae/, scheduler/) -> image_gen
+  mmfm convert SmolLM2-135M/ llm/ --from hf_llama           a llama / mistral / qwen2 folder: a text-only LM
+  mmfm convert model.gguf llm/ --from gguf --dtype bfloat16 a GGUF file, dequantized to bfloat16
+  mmfm convert model.gguf vlm/ --from gguf --base mmfm-tiny the LM as backbone, mmfm-tiny's encoders around it
 
 SRC is read in its own library's format (safetensors memory-mapped; .pt/.bin/.pth only with
 torch.load(weights_only=True), so nothing is unpickled) and remapped to mmfm keys. The components the
-source does not bring (the backbone and heads, when it is one tower) come from --base with fresh
-weights, and are listed. OUT/ gets config.yaml + model.safetensors: load it with mmfm.load("OUT/").
+source does not bring come from --base with fresh weights, and are listed; without --base, the converter
+suggests one (a language model becomes a text-only model; one tower gets mmfm-base's backbone and heads).
+OUT/ gets config.yaml + model.safetensors: load it with mmfm.load("OUT/"). `mmfm export` goes the other way.
+"""
+
+_GENERATE_TEXT_EPILOG = """\
+examples:
+  mmfm generate-text --model llm/ "The capital of France is"            streamed as it is decoded
+  mmfm generate-text --model llm/ "Once upon a time" "Dear Sir," --max-new-tokens 40 --json
+  mmfm generate-text --model llm/ --as-chat "What is the capital of France?" --system "Be brief."
+  mmfm generate-text --model llm/ "Q: 2+2? A:" --stop $'\\n' --do-sample --temperature 0.7 --seed 0
+  mmfm generate-text --model llm/ --chat --system "You are a helpful assistant."
+
+Each PROMPT is continued by the model's language model (its caption head); several are generated in
+batches of --batch-size and printed one line each (line breaks as \\n), in order. One PROMPT is streamed to
+stdout as it is decoded, unless --no-stream, --json or --num-beams > 1. With --json each PROMPT prints
+{"prompt": PROMPT, "text": TEXT} on its own line. --as-chat sends each PROMPT as a user message (after the
+--system message) through the model's chat template, with the assistant's turn opened; the model needs a
+chat template (a Hugging Face or GGUF language model brings one).
+
+--chat starts a conversation: each line read from stdin is a user turn, answered in the context of the
+whole conversation and streamed to stdout. /reset starts a new conversation, /help lists the commands,
+Ctrl-D (or /exit) ends the session; Ctrl-C stops a reply, and twice at the prompt ends the session. The
+"> " prompt goes to stderr, and only when stdin is a terminal: piped input works and stdout holds the replies.
+"""
+
+_EXPORT_EPILOG = """\
+examples:
+  mmfm export llm/ hf/ --to hf_llama                   an mmfm checkpoint folder -> a Hugging Face folder
+  mmfm export model.gguf hf/ --to hf_llama             a GGUF file, through mmfm, to transformers
+  mmfm export llm/ hf/ --to hf_llama --overwrite       write into a folder that holds files already
+
+SRC is anything --model takes (a checkpoint folder, a GGUF file, a Hugging Face folder, a tag). --to
+hf_llama writes the language model (token embedding, backbone, LM head) with its tokenizer, special
+tokens and chat template as config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json and generation_config.json: transformers' AutoModelForCausalLM.from_pretrained(OUT)
+loads it (LlamaForCausalLM, or Qwen2ForCausalLM for q/k/v biases) and llama.cpp's converters read it. The
+model needs an "hf" tokenizer (a tokenizer.json); media encoders and other heads are left out. OUT must be
+new or empty unless --overwrite, and can never be SRC or hold it.
 """
 
 
@@ -215,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         argv: the arguments after the program name; None reads `sys.argv[1:]`.
 
     Returns:
-        The exit code: 0 on success, 2 for a usage error or an error mmfm raises on purpose.
+        The exit code: 0 on success, 2 for a usage error or an error mmfm raises on purpose, or the command's own
+        (130 when a `generate-text` stream or chat session is ended with Ctrl-C).
     """
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -226,21 +284,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _check_text_options(args)
-        args.run(args)
+        code = args.run(args)
     except MMFMError as e:
         _print_error(str(e))
         return getattr(e, "exit_code", 2)
     except OSError as e:  # a file the user named could not be read or written: say which and why, in one line
         _print_error(_os_error(e))
         return 2
-    return 0
+    return code or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `mmfm` and all its subcommands (built without importing torch or the model code)."""
     parser = argparse.ArgumentParser(
         prog="mmfm",
-        description="Multimodal foundation models: caption, classify, embed and generate images and audio.",
+        description="Multimodal foundation models: caption, classify and embed images and audio; generate images "
+        "and text; chat.",
         epilog=_MAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -270,13 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption = command("caption", "Write a caption for each image or audio file.", _CAPTION_EPILOG, _caption)
     _add_inference_options(caption)
     caption.add_argument("--prompt", help="text every caption starts from (not printed)")
-    caption.add_argument("--max-new-tokens", type=int, metavar="N", help="caption length limit in tokens")
-    caption.add_argument("--num-beams", type=int, metavar="N", help="beam search width (default: 1, greedy)")
-    caption.add_argument("--do-sample", action="store_true", help="sample tokens instead of taking the most likely")
-    caption.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default: 1.0)")
-    caption.add_argument("--top-k", type=int, metavar="K", help="sample among the k likeliest tokens (default: 0, all)")
-    caption.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass (default: 1.0, all)")
-    caption.add_argument("--seed", type=int, metavar="N", help="seed for --do-sample, for reproducible captions")
+    _add_decoding_options(caption, "caption")
 
     summary = "Classify each image or audio file, with the trained head or zero-shot against labels."
     classify = command("classify", summary, _CLASSIFY_EPILOG, _classify)
@@ -300,6 +353,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_options(generate)
     old = command("generate", None, _GENERATE_EPILOG, _generate, description=f"Deprecated: {summary}")
     _add_generate_options(old)
+
+    summary = "Continue text prompts, or chat, with a model's language model."
+    text = command("generate-text", summary, _GENERATE_TEXT_EPILOG, _generate_text)
+    text.add_argument("prompts", nargs="*", metavar="PROMPT", help="texts to continue; several: generated in batches")
+    _add_model_options(text)
+    _add_batch_options(text, "prompts")
+    text.add_argument("--chat", action="store_true", help="a conversation: one user turn per line of stdin")
+    text.add_argument(
+        "--as-chat", action="store_true", help="send each PROMPT as a user message through the chat template"
+    )
+    text.add_argument("--system", metavar="TEXT", help="a system message before the user's (--as-chat, --chat)")
+    text.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        help="print the text as it is decoded (default: one PROMPT or --chat, without --json)",
+    )
+    _add_decoding_options(text, "text")
+    text.add_argument(
+        "--repetition-penalty", type=float, metavar="R", help="penalise tokens already seen (default: 1.0, none)"
+    )
+    text.add_argument("--stop", action="append", metavar="TEXT", help="end the text where TEXT appears; repeatable")
 
     summary = "Train or fine-tune a model from a YAML recipe (also one rank of a torchrun job)."
     train = command("train", summary, _TRAIN_EPILOG, _train)
@@ -325,18 +399,36 @@ def build_parser() -> argparse.ArgumentParser:
     conv = command("convert", summary, _CONVERT_EPILOG, _convert)
     conv.add_argument("src", metavar="SRC", help="the source checkpoint: a file or directory in its library's format")
     conv.add_argument("out", metavar="OUT", help="the directory to write config.yaml + model.safetensors into")
-    conv.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="the source library's format")
+    conv.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="SOURCE",
+        help="the source's format: timm, open_clip, ast, hf_bert, diffusers, hf_llama (a Hugging Face llama, "
+        "mistral or qwen2 folder), gguf (a .gguf file)",
+    )
     conv.add_argument("--model-name", metavar="NAME", help="the source's architecture name, where SRC does not say")
     conv.add_argument(
         "--base",
         metavar="PRESET",
-        help="preset for the parts SRC lacks (default: text-only for a language model, else mmfm-base)",
+        help="preset for the parts SRC lacks (default: the converter's suggestion: text-only for a language model, "
+        "else mmfm-base)",
+    )
+    conv.add_argument(
+        "--dtype", metavar="DTYPE", help=f"the weights' dtype: {', '.join(DTYPE_NAMES)} (default: {DTYPE_NAMES[0]})"
     )
     conv.add_argument(
         "--overwrite",
         action="store_true",
         help="write into OUT even when it holds other files and is not an mmfm checkpoint",
     )
+
+    summary = "Export an mmfm model to another library's format (a Hugging Face Llama folder)."
+    export = command("export", summary, _EXPORT_EPILOG, _export)
+    export.add_argument("model", metavar="SRC", help="the model: a checkpoint folder, GGUF file, tag, ... (as --model)")
+    export.add_argument("out", metavar="OUT", help="the folder to write (created if missing)")
+    export.add_argument("--to", required=True, metavar="FORMAT", help=f"the format: {', '.join(EXPORTERS)}")
+    export.add_argument("--overwrite", action="store_true", help="write into OUT even when it holds files")
 
     summary = "Write a built-in dataset as files and JSONL manifests."
     data = command("data", summary, _DATA_EPILOG, _no_dataset)
@@ -359,14 +451,29 @@ def _add_inference_options(parser: argparse.ArgumentParser, files: str = "+") ->
     """--model, --device, --dtype, --batch-size, --json and the FILE arguments of caption, classify and embed."""
     parser.add_argument("files", nargs=files, metavar="FILE", help=_FILES_HELP)
     _add_model_options(parser)
+    _add_batch_options(parser, "inputs")
+
+
+def _add_batch_options(parser: argparse.ArgumentParser, inputs: str) -> None:
     parser.add_argument(
         "--batch-size",
         type=_positive_int,
         default=DEFAULT_BATCH_SIZE,
         metavar="N",
-        help=f"inputs per forward pass (default: {DEFAULT_BATCH_SIZE}); memory grows with it, not with the inputs",
+        help=f"{inputs} per forward pass (default: {DEFAULT_BATCH_SIZE}); memory grows with it, not with the {inputs}",
     )
     parser.add_argument("--json", action="store_true", help=_JSON_HELP)
+
+
+def _add_decoding_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """How tokens are chosen (`GenerationConfig`), for caption and generate-text; checked before the model loads."""
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", help=f"{what} length limit in tokens")
+    parser.add_argument("--num-beams", type=int, metavar="N", help="beam search width (default: 1, greedy)")
+    parser.add_argument("--do-sample", action="store_true", help="sample tokens instead of taking the most likely")
+    parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default: 1.0)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="sample among the k likeliest tokens (default: 0, all)")
+    parser.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass (default: 1.0, all)")
+    parser.add_argument("--seed", type=int, metavar="N", help=f"seed for --do-sample, for a reproducible {what}")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -625,6 +732,132 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"mmfm: wrote {what} to {_display(args.out)}", file=sys.stderr)
 
 
+def _generate_text(args: argparse.Namespace) -> int | None:
+    prompts = args.prompts
+    if args.chat:
+        if prompts:
+            raise InputError("--chat reads the conversation from stdin, one user turn per line; give no PROMPT")
+        if args.json:
+            raise InputError("--chat prints each reply as text; --json is for PROMPT arguments")
+    elif not prompts:
+        raise InputError("generate-text needs a PROMPT (or several), or --chat for a conversation")
+    if args.system is not None and not (args.chat or args.as_chat):
+        raise InputError("--system is a chat message: add --as-chat (each PROMPT as a user turn) or --chat")
+    generation = {
+        "max_new_tokens": args.max_new_tokens,
+        "num_beams": args.num_beams,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "stop": args.stop,
+        "seed": args.seed,
+    }
+    generation = {"do_sample": args.do_sample, **{k: v for k, v in generation.items() if v is not None}}
+    from mmfm.text_generation import GenerationConfig, check_seed
+
+    check_seed("--seed", args.seed)
+    beams = GenerationConfig.from_options(generation).num_beams  # every option checked before the model loads
+    stream = _streaming(args, beams)
+    model = _open_model(args)
+    chat = "--chat" if args.chat else "--as-chat" if args.as_chat else None
+    if chat is not None and model.config.text.chat_template is None:
+        raise InputError(
+            f"{chat}: the model {_quoted(args.model)} has no chat template (text.chat_template) to render a "
+            "conversation with; give PROMPT texts without --as-chat, or use a model that has one"
+        )
+    if args.chat:
+        from mmfm.cli_chat import run_chat
+
+        return run_chat(model, system=args.system, stream=stream, generation=generation)
+    opening = [{"role": "system", "content": args.system}] if args.system is not None else []
+    conversations = [[*opening, {"role": "user", "content": p}] for p in prompts]
+    items = {"messages": conversations} if chat else {"prompts": prompts}
+    if stream:
+        return _print_stream(model.generate_text(**{k: v[0] for k, v in items.items()}, stream=True, **generation))
+    texts = model.generate_text(**items, **generation, **_batching(args))
+    for prompt, text in zip(prompts, texts):
+        if args.json:
+            _print_json({"prompt": prompt, "text": text})
+        else:
+            print(text if len(prompts) == 1 else text.translate(_LINE_ESCAPES))
+    return None
+
+
+def _print_stream(pieces: Any) -> int | None:
+    """Prints text pieces as they come, then a line break; Ctrl-C stops them (exit code 130)."""
+    wrote = False
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            wrote = True
+    except KeyboardInterrupt:
+        print(flush=True)
+        return 130
+    except BaseException:
+        if wrote:
+            print(flush=True)
+        raise
+    print(flush=True)
+    return None
+
+
+def _streaming(args: argparse.Namespace, beams: int) -> bool:
+    """Whether generate-text prints text as it is decoded: --stream / --no-stream, else when it can."""
+    several = len(args.prompts) > 1
+    if args.stream is None:
+        return not (several or args.json or beams > 1)
+    if args.stream:
+        if args.json:
+            raise InputError("--stream prints text as it comes and --json whole records; choose one")
+        if several:
+            raise InputError(
+                f"--stream prints one PROMPT's text as it is decoded, got {len(args.prompts)} PROMPTs (without "
+                "--stream they are generated in batches)"
+            )
+        if beams > 1:
+            raise InputError("--stream decodes token by token; beam search (--num-beams above 1) cannot stream")
+    return args.stream
+
+
+def _export(args: argparse.Namespace) -> None:
+    import importlib
+
+    if args.to not in EXPORTERS:
+        raise InputError(f"--to {_quoted(args.to)}: unknown format (known: {', '.join(EXPORTERS)})")
+    _check_export_output(args.model, args.out, args.overwrite)
+    module, function = EXPORTERS[args.to]
+    exporter = getattr(importlib.import_module(module), function)
+    model = _open_model(args, device=None, dtype=None)
+    exporter(model, args.out)
+    print(f"mmfm: wrote {_display(args.out)} ({args.to}, from {_display(args.model)})", file=sys.stderr)
+
+
+def _check_export_output(src: str, out: str, overwrite: bool) -> None:
+    """Refuses an export folder that is a file, is SRC or holds it, or holds files (unless --overwrite), at once."""
+    path = Path(out)
+    try:
+        source, target = Path(src).resolve(), path.resolve()
+        is_file = target.exists() and not target.is_dir()
+        entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"{_quoted(out)}: not a usable output folder ({getattr(e, 'strerror', None) or e})") from None
+    if target == source or target in source.parents:
+        raise InputError(
+            f"{_quoted(out)}: the output folder is the input {_quoted(src)} or holds it; exporting there could "
+            "overwrite what is being read: write into another folder"
+        )
+    if is_file:
+        raise InputError(f"{_quoted(out)}: the output must be a folder, and this is a file")
+    if entries and not overwrite:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise InputError(
+            f"{_quoted(out)}: the output folder holds files ({_quoted(shown)}); exporting replaces files of the "
+            "names it writes: choose a new or empty folder, or pass --overwrite to write there anyway"
+        )
+
+
 def _no_dataset(args: argparse.Namespace) -> None:  # unreachable: argparse requires DATASET
     raise InputError("mmfm data needs a DATASET")
 
@@ -649,19 +882,23 @@ def _convert(args: argparse.Namespace) -> None:
     import inspect
 
     from mmfm.convert import convert, get_converter, list_sources
-    from mmfm.loader import check_convert_output, from_converted
+    from mmfm.loader import check_convert_output, from_converted, parse_dtype
 
     if args.source not in list_sources():
         raise InputError(f"--from {_quoted(args.source)}: unknown source (known: {', '.join(list_sources())})")
+    dtype = parse_dtype(args.dtype)
     # an OUT that is SRC or lies inside it, or a non-mmfm folder without --overwrite, is refused before any reading
     check_convert_output(args.src, args.out, overwrite=args.overwrite)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    parameters = inspect.signature(get_converter(args.source)).parameters
     if args.model_name is not None:
-        if "model_name" not in inspect.signature(get_converter(args.source)).parameters:
+        if "model_name" not in parameters:
             raise InputError(f"--model-name: the '{args.source}' converter reads the architecture from SRC itself")
         kwargs["model_name"] = args.model_name
+    if dtype is not None and "dtype" in parameters:  # a converter that dequantizes does so straight to the dtype
+        kwargs["dtype"] = dtype
     converted = convert(args.source, args.src, **kwargs)
-    model, fresh = from_converted(converted, args.base, f"{args.src} ({args.source})")
+    model, fresh = from_converted(converted, args.base, f"{args.src} ({args.source})", dtype=dtype)
     model.save_pretrained(args.out)
     print(f"mmfm: wrote {args.out} ({args.source} weights from {args.src})", file=sys.stderr)
     if fresh:

@@ -52,8 +52,11 @@ def error_line(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
         (["caption", "--model", NO_MODEL, "{png}", "--prompt", "\udcfe"], "--prompt"),
         (["classify", "--model", NO_MODEL, "{png}", "--labels", "cat,d\udcf0g"], "--labels"),
         (["train", "recipe.yaml", "optim.lr=\udcff"], "override"),
+        (["generate-text", "--model", NO_MODEL, "a\udcfeb"], "PROMPT"),
+        (["generate-text", "--model", NO_MODEL, "--chat", "--system", "\udcf0"], "--system"),
+        (["generate-text", "--model", NO_MODEL, "a", "--stop", "x\udcff"], "--stop"),
     ],
-    ids=["text", "prompt", "labels", "override"],
+    ids=["text", "prompt", "labels", "override", "generate-text PROMPT", "system", "stop"],
 )
 def test_a_non_utf8_text_argument_is_one_error_line_naming_the_option(capsys, files, argv, option):
     line = error_line(capsys, *[a.format(png=files["png"]) for a in argv])
@@ -271,3 +274,92 @@ def test_convert_asks_the_loader_whether_the_output_is_safe_before_reading_anyth
     line = error_line(capsys, *argv)
     assert calls == [(src, src, overwrite)]
     assert line == f"mmfm: error: {src}: the output is the input {src} or lies inside it"
+
+
+def test_convert_refuses_an_unknown_dtype_before_reading_anything(capsys, tmp_path):
+    line = error_line(
+        capsys, "convert", str(tmp_path / "absent"), str(tmp_path / "out"), "--from", "ast", "--dtype", "int8"
+    )
+    assert line == "mmfm: error: unknown dtype 'int8' (known: float32, bfloat16, float16)"
+    assert not (tmp_path / "out").exists()
+
+
+# ---- generate-text ----
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "generate-text needs a PROMPT (or several), or --chat for a conversation"),
+        (["a", "--do-sample", "--temperature", "nan"], "temperature must be a finite number, got nan"),
+        (["a", "--temperature=-inf"], "temperature must be a finite number, got -inf"),
+        (["a", "--max-new-tokens", "0"], "max_new_tokens must be a whole number >= 1, got 0"),
+        (["a", "--stop", ""], "stop must be a non-empty string or a list of them"),
+        (["a", "--top-p", "1.5"], "top_p must be"),
+        (["a", "--repetition-penalty", "0"], "repetition_penalty must be"),
+        (["a", "--do-sample", "--seed", str(2**64)], "--seed must be a whole number in [-2**63, 2**64 - 1]"),
+        (["a", "--num-beams", "2", "--do-sample"], "beam search (num_beams > 1) does not sample"),
+        (["a", "--system", "Be brief."], "--system is a chat message: add --as-chat"),
+        (["a", "b", "--stream"], "--stream prints one PROMPT's text as it is decoded, got 2 PROMPTs"),
+        (["a", "--stream", "--json"], "--stream prints text as it comes and --json whole records; choose one"),
+        (["a", "--stream", "--num-beams", "3"], "--stream decodes token by token; beam search"),
+        (["a", "--chat"], "--chat reads the conversation from stdin, one user turn per line; give no PROMPT"),
+        (["--chat", "--json"], "--chat prints each reply as text; --json is for PROMPT arguments"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_bad_generate_text_arguments_are_one_error_line_before_the_model_loads(capsys, argv, message):
+    line = error_line(capsys, "generate-text", "--model", NO_MODEL, *argv)
+    assert line.startswith(f"mmfm: error: {message}"), line
+
+
+@pytest.mark.parametrize("flag", ["--as-chat", "--chat"])
+def test_a_conversation_with_a_model_without_a_chat_template_is_one_error_line(capsys, files, flag):
+    argv = ["generate-text", "--model", files["ckpt"], flag] + (["hello"] if flag == "--as-chat" else [])
+    line = error_line(capsys, *argv)
+    assert line.startswith(f"mmfm: error: {flag}: the model {files['ckpt']} has no chat template (text.chat_template)")
+
+
+# ---- export ----
+
+
+def test_export_names_an_unknown_format_before_loading(capsys, tmp_path):
+    line = error_line(capsys, "export", NO_MODEL, str(tmp_path / "out"), "--to", "onnx")
+    assert line == "mmfm: error: --to onnx: unknown format (known: hf_llama)"
+
+
+def test_export_of_a_model_without_an_hf_tokenizer_is_one_error_line_and_writes_nothing(capsys, files, tmp_path):
+    out = tmp_path / "out"
+    line = error_line(capsys, "export", files["ckpt"], str(out), "--to", "hf_llama")
+    assert (
+        line == "mmfm: error: exporting to hf_llama needs an 'hf' tokenizer (a tokenizer.json); this model's is 'byte'"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["holds files", "holds files, --overwrite", "is SRC", "holds SRC", "is a file"])
+def test_export_refuses_an_output_that_could_lose_files_before_loading(capsys, files, tmp_path, case):
+    src, out = Path(files["ckpt"]), tmp_path / "out"
+    expected = {
+        "holds files": "the output folder holds files (notes.txt); exporting replaces files of the names it writes",
+        "is SRC": f"the output folder is the input {src} or holds it",
+        "holds SRC": "the output folder is the input",
+        "is a file": "the output must be a folder, and this is a file",
+    }
+    if case.startswith("holds files"):
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    elif case == "is SRC":
+        out = src
+    elif case == "holds SRC":
+        out = src.parent
+    else:
+        out.write_text("")
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    overwrite = ["--overwrite"] if case.endswith("--overwrite") else []
+    line = error_line(capsys, "export", str(src), str(out), "--to", "hf_llama", *overwrite)
+    if overwrite:  # the output is accepted: the model's tokenizer is what fails
+        assert "needs an 'hf' tokenizer" in line
+    else:
+        assert line.startswith(f"mmfm: error: {out}: {expected[case]}"), line
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
