@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmfm.config import TextConfig, read_small_file
+from mmfm.encoders.hf_tokenizer import HFTokenizer
 from mmfm.encoders.tokenizer_base import Tokenizer, check_unicode
 from mmfm.errors import ConfigError
 
@@ -321,7 +322,8 @@ def build_tokenizer(config: TextConfig) -> Tokenizer:
     """The tokenizer `config.tokenizer` names.
 
     Raises:
-        ConfigError: `config.tokenizer` is unknown, or the "wordpiece" vocabulary cannot be read.
+        ConfigError: `config.tokenizer` is unknown, or the "wordpiece" vocabulary or "hf" tokenizer.json cannot be
+            read or lacks a token the config names.
     """
     if config.tokenizer == "clip":
         return ClipTokenizer()
@@ -331,4 +333,10 @@ def build_tokenizer(config: TextConfig) -> Tokenizer:
         if config.vocab is None:
             raise ConfigError("text.tokenizer 'wordpiece' needs text.vocab, the path of its vocab.txt")
         return WordPieceTokenizer(config.vocab, config.lowercase, config.strip_accents)
-    raise ConfigError(f"unknown text.tokenizer {config.tokenizer!r}; expected 'clip', 'byte' or 'wordpiece'")
+    if config.tokenizer == "hf":
+        if config.vocab is None:
+            raise ConfigError("text.tokenizer 'hf' needs text.vocab, the path of its tokenizer.json")
+        return HFTokenizer.from_file(
+            config.vocab, config.bos_token, config.eos_token, config.pad_token, config.stop_tokens
+        )
+    raise ConfigError(f"unknown text.tokenizer {config.tokenizer!r}; expected 'clip', 'byte', 'wordpiece' or 'hf'")

@@ -366,8 +366,9 @@ class TextConfig:
     """Tokenizer, text length policy and an optional text tower.
 
     Attributes:
-        tokenizer: "clip" (open_clip's CLIP BPE, shipped with open_clip, works offline), "byte" (UTF-8 bytes) or
-            "wordpiece" (BERT's WordPiece over the vocabulary file `vocab`).
+        tokenizer: "clip" (open_clip's CLIP BPE, shipped with open_clip, works offline), "byte" (UTF-8 bytes),
+            "wordpiece" (BERT's WordPiece over the vocabulary file `vocab`) or "hf" (a Hugging Face tokenizer.json
+            at `vocab`, read with the `tokenizers` library).
         max_length: most tokens per text, BOS and EOS included; longer texts lose tokens from the end, EOS kept.
         vocab: the "wordpiece" vocabulary file: BERT's vocab.txt (one token per line) or a Hugging Face
             tokenizer.json with a WordPiece model. A relative path in a YAML file is relative to that file's
@@ -375,15 +376,27 @@ class TextConfig:
             config says `vocab: vocab.txt`, so a checkpoint directory is self-contained.
         lowercase: "wordpiece": lowercase the text first (an uncased model).
         strip_accents: "wordpiece": remove accents; None follows `lowercase`, as BERT does.
+        vocab_size: rows of the token embedding; None is the tokenizer's vocabulary size.
+        bos_token: "hf": the token that starts a text; None when the model has none (then BOS is EOS).
+        eos_token: "hf": the token that ends a text.
+        pad_token: "hf": the token that fills padding; None pads with EOS.
+        stop_tokens: "hf": more tokens that end generation besides EOS (Llama 3's `<|eot_id|>`).
+        chat_template: the model's Jinja chat template (`mmfm.chat_template.render_chat`); None when it has none.
         tower: a text transformer of its own for text embeddings (CLIP's text tower, a sentence encoder); None
             means text is embedded only through the backbone.
     """
 
-    tokenizer: Literal["clip", "byte", "wordpiece"] = "clip"
+    tokenizer: Literal["clip", "byte", "wordpiece", "hf"] = "clip"
     max_length: int = 77
     vocab: str | None = None
     lowercase: bool = True
     strip_accents: bool | None = None
+    vocab_size: int | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    stop_tokens: list[str] = field(default_factory=list)
+    chat_template: str | None = None
     tower: TextTowerConfig | None = None
 
     def check(self, fail: Fail, key: str) -> None:

