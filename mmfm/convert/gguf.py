@@ -34,7 +34,6 @@ mmfm's config; the tokenizer (`HFTokenizer.from_gguf`), its special tokens and t
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ import torch
 from torch import Tensor
 
 from mmfm.convert import Converted, register_converter
-from mmfm.convert.hf_llama import config_from_hf, state_from_hf
+from mmfm.convert.hf_llama import TEXT_ONLY, config_from_hf, state_from_hf
 from mmfm.convert.keys import rename
 from mmfm.encoders.hf_tokenizer import HFTokenizer
 from mmfm.errors import CheckpointError, ConfigError
@@ -338,16 +337,16 @@ def convert_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Conver
     gguf = read_gguf(path)
     source = str(gguf.path)
     hf = hf_config_from_gguf(gguf)
-    text = _text_config(gguf)
     config = config_from_hf(hf, source)
-    tokenizer = HFTokenizer.from_gguf(gguf.metadata)
+    try:
+        tokenizer = HFTokenizer.from_gguf(gguf.metadata)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    text = _text_config(gguf, tokenizer)
     state = state_from_hf(hf_state_from_gguf(gguf, hf, dtype), hf, source)
-    base_text = config.get("text")
-    if dataclasses.is_dataclass(base_text):
-        config["text"] = dataclasses.replace(base_text, **text)
-    else:
-        config["text"] = {**(base_text or {}), **text}
-    return Converted(config, state, tokenizer=tokenizer)
+    config["text"].update(text)
+    config["name"] = str(gguf.metadata.get("general.name") or gguf.path.stem)
+    return Converted(config, state, tokenizer=tokenizer, base=TEXT_ONLY)
 
 
 def _names(gguf: GGUFFile) -> dict[str, str]:
@@ -368,35 +367,18 @@ def _check_extents(reader: GGUFReader, path: Path) -> None:
             )
 
 
-def _text_config(gguf: GGUFFile) -> dict[str, Any]:
-    """TextConfig fields of the file's tokenizer: its special tokens (as strings) and chat template."""
-    meta = gguf.metadata
-    tokens = meta.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens:
-        raise CheckpointError(f"{gguf.path}: no tokenizer.ggml.tokens in the metadata: the file carries no tokenizer")
-
-    def token(kind: str) -> str | None:
-        index = meta.get(f"tokenizer.ggml.{kind}_token_id")
-        if index is None:
-            return None
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(tokens):
-            raise CheckpointError(
-                f"{gguf.path}: tokenizer.ggml.{kind}_token_id is {index!r}, not an id of its {len(tokens)} tokens"
-            )
-        return tokens[index]
-
-    eos = token("eos")
-    stops = [t for t in (token("eot"), token("eom")) if t is not None and t != eos]
+def _text_config(gguf: GGUFFile, tokenizer: HFTokenizer) -> dict[str, Any]:
+    """TextConfig fields of the file's tokenizer: its special tokens (as the tokenizer read them) and chat template."""
+    template = gguf.metadata.get("tokenizer.chat_template")
     return {
         "tokenizer": "hf",
         "vocab": None,
-        "chat_template": meta.get("tokenizer.chat_template"),
-        "bos_token": token("bos"),
-        "eos_token": eos,
-        "pad_token": token("padding"),
-        "stop_tokens": list(dict.fromkeys(stops)),
+        "chat_template": template if isinstance(template, str) else None,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "stop_tokens": list(tokenizer.stop_tokens),
     }
-
 
 def _llama3_rope_scaling(factors: Tensor, theta: float, head_dim: int, source: Path) -> dict[str, Any]:
     """Llama 3 `rope_scaling` parameters that reproduce llama.cpp's per-frequency RoPE factors.

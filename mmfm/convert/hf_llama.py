@@ -323,7 +323,8 @@ def convert_hf_llama(path: str | Path) -> Converted:
     config = config_from_hf(hf, str(folder / "config.json"))
     config["name"] = folder.resolve().name or config["name"]
     config["text"].update(tokenizer_fields(folder, hf))
-    state = state_from_hf(read_hf_state_dict(folder), hf, str(folder))
+    weights, source = read_hf_state_dict(folder)
+    state = state_from_hf(weights, hf, str(source))
     return Converted(config, state, base=TEXT_ONLY)
 
 
