@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmfm.config import CaptionHeadConfig
+from mmfm.linear import Linear
 from mmfm.objective import Objective, media_of
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class CaptionHead(nn.Module):
         super().__init__()
         vocab_size, dim = token_embedding.weight.shape
         self.tied = tied
-        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        self.lm_head = Linear(dim, vocab_size, bias=False)
         if tied:
             self.lm_head.weight = token_embedding.weight
         else:
@@ -42,7 +43,7 @@ class CaptionHead(nn.Module):
     def resize(self, token_embedding: nn.Embedding) -> None:
         """Follows a grown token embedding: tied, the new table; untied, new rows set to the mean of the old ones."""
         if self.tied:
-            self.lm_head = nn.Linear(*token_embedding.weight.shape[::-1], bias=False, device="meta")
+            self.lm_head = Linear(*token_embedding.weight.shape[::-1], bias=False, device="meta")
             self.lm_head.weight = token_embedding.weight
             return
         old = self.lm_head.weight
@@ -50,7 +51,7 @@ class CaptionHead(nn.Module):
         with torch.no_grad():
             weight[: old.shape[0]] = old
             weight[old.shape[0] :] = old.mean(dim=0)
-        self.lm_head = nn.Linear(old.shape[1], weight.shape[0], bias=False, device="meta")
+        self.lm_head = Linear(old.shape[1], weight.shape[0], bias=False, device="meta")
         self.lm_head.weight = nn.Parameter(weight)
 
     def forward(self, hidden: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mmfm.config import BackboneConfig, RopeScalingConfig
+from mmfm.linear import Linear
 
 if TYPE_CHECKING:
     from mmfm.sequence import TokenSequence
@@ -86,10 +87,8 @@ class Attention(nn.Module):
     def __init__(self, config: BackboneConfig):
         super().__init__()
         self.num_heads, self.kv_heads, self.head_dim = config.num_heads, config.kv_heads, config.head_dim
-        self.qkv = nn.Linear(
-            config.dim, (config.num_heads + 2 * config.kv_heads) * config.head_dim, bias=config.qkv_bias
-        )
-        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+        self.qkv = Linear(config.dim, (config.num_heads + 2 * config.kv_heads) * config.head_dim, bias=config.qkv_bias)
+        self.proj = Linear(config.dim, config.dim, bias=False)
         self.dropout = config.dropout
 
     def forward(
@@ -108,6 +107,8 @@ class Attention(nn.Module):
         k = k.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
         v = v.view(B, L, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        # causal by SDPA itself when there are no earlier keys; with some, the caller's mask says what is visible
+        causal = attn_mask is None and L > 1 and (cache is None or cache.length == 0)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, cached + L, hd)
         y = F.scaled_dot_product_attention(
@@ -115,7 +116,7 @@ class Attention(nn.Module):
             k,
             v,
             attn_mask=attn_mask,
-            is_causal=attn_mask is None and cache is None,
+            is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.kv_heads != self.num_heads,
         )  # (B, nh, L, hd)
@@ -125,8 +126,8 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.gate_up = nn.Linear(dim, 2 * hidden_dim, bias=False)
-        self.down = nn.Linear(hidden_dim, dim, bias=False)
+        self.gate_up = Linear(dim, 2 * hidden_dim, bias=False)
+        self.down = Linear(hidden_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -185,7 +186,8 @@ class Backbone(nn.Module):
         Args:
             x: (B, L, dim) token embeddings.
             positions: (B, L) RoPE positions.
-            attn_mask: (B, 1, L, cached + L) bool, True where attention is allowed; None for plain causal.
+            attn_mask: (B, 1, L, cached + L) bool, True where attention is allowed; None for plain causal (with an
+                empty cache; one new position attends to every cached one).
             cache: keys/values of earlier positions; this call appends its L positions and advances it.
 
         Returns:

@@ -48,7 +48,8 @@ class CachedDecoder:
         self.key_mask = torch.cat([seq.mask, seq.mask.new_ones(B, max_new_tokens)], dim=1)  # (B, L + new)
         self.has_padding = not bool(seq.mask.all())
         self.next_pos = seq.mask.long().sum(dim=1, keepdim=True)  # (B, 1)
-        hidden = parts.backbone(seq.embeds, seq.positions(), seq.attention_mask(), self.cache)
+        mask = None if seq.is_plain_causal else seq.attention_mask()  # SDPA's own causal kernel where it can
+        hidden = parts.backbone(seq.embeds, seq.positions(), mask, self.cache)
         self.logits = parts.lm_head(hidden[:, -1])  # (B, V)
 
     def advance(self, tokens: Tensor) -> None:

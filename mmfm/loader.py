@@ -31,6 +31,7 @@ from mmfm.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
     SHARD_PATTERN,
+    TENSOR_ALIGNMENT,
     VAE_FOLDER,
     VOCAB_NAMES,
     WEIGHTS_NAME,
@@ -256,6 +257,10 @@ def build_from_weights(
     state = upgrade_keys(state)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # Tensors of another library's file may start anywhere (a Hugging Face safetensors header is 8-byte aligned);
+    # CPU kernels sum in an order that depends on alignment, so the same weights would give other low bits than
+    # after save_pretrained (which aligns them, `TENSOR_ALIGNMENT`). Those few are copied into aligned memory.
+    state = {k: v if v.data_ptr() % TENSOR_ALIGNMENT == 0 else v.clone() for k, v in state.items()}
     with parameters_on_meta():
         model = MultimodalModel(config, tokenizer)
     if set(unique_state_dict(model)) - set(state):

@@ -380,6 +380,7 @@ def _text_config(gguf: GGUFFile, tokenizer: HFTokenizer) -> dict[str, Any]:
         "stop_tokens": list(tokenizer.stop_tokens),
     }
 
+
 def _llama3_rope_scaling(factors: Tensor, theta: float, head_dim: int, source: Path) -> dict[str, Any]:
     """Llama 3 `rope_scaling` parameters that reproduce llama.cpp's per-frequency RoPE factors.
 
