@@ -824,38 +824,16 @@ def _streaming(args: argparse.Namespace, beams: int) -> bool:
 def _export(args: argparse.Namespace) -> None:
     import importlib
 
+    from mmfm.loader import check_export_output
+
     if args.to not in EXPORTERS:
         raise InputError(f"--to {_quoted(args.to)}: unknown format (known: {', '.join(EXPORTERS)})")
-    _check_export_output(args.model, args.out, args.overwrite)
+    check_export_output(args.model, args.out, args.overwrite)
     module, function = EXPORTERS[args.to]
     exporter = getattr(importlib.import_module(module), function)
     model = _open_model(args, device=None, dtype=None)
     exporter(model, args.out)
     print(f"mmfm: wrote {_display(args.out)} ({args.to}, from {_display(args.model)})", file=sys.stderr)
-
-
-def _check_export_output(src: str, out: str, overwrite: bool) -> None:
-    """Refuses an export folder that is a file, is SRC or holds it, or holds files (unless --overwrite), at once."""
-    path = Path(out)
-    try:
-        source, target = Path(src).resolve(), path.resolve()
-        is_file = target.exists() and not target.is_dir()
-        entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
-    except (OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"{_quoted(out)}: not a usable output folder ({getattr(e, 'strerror', None) or e})") from None
-    if target == source or target in source.parents:
-        raise InputError(
-            f"{_quoted(out)}: the output folder is the input {_quoted(src)} or holds it; exporting there could "
-            "overwrite what is being read: write into another folder"
-        )
-    if is_file:
-        raise InputError(f"{_quoted(out)}: the output must be a folder, and this is a file")
-    if entries and not overwrite:
-        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-        raise InputError(
-            f"{_quoted(out)}: the output folder holds files ({_quoted(shown)}); exporting replaces files of the "
-            "names it writes: choose a new or empty folder, or pass --overwrite to write there anyway"
-        )
 
 
 def _no_dataset(args: argparse.Namespace) -> None:  # unreachable: argparse requires DATASET

@@ -53,6 +53,7 @@ __all__ = [
     "HUB_PREFIX",
     "build_from_weights",
     "check_convert_output",
+    "check_export_output",
     "create_model",
     "for_finetuning",
     "from_converted",
@@ -176,11 +177,7 @@ def check_convert_output(src: str | Path, out: str | Path, overwrite: bool = Fal
         CheckpointError: naming OUT (and SRC) and what is wrong, with what to do instead.
     """
     out = Path(out)
-    try:
-        source, target = Path(src).resolve(), out.resolve()
-        target_kind = target.stat().st_mode if target.exists() else None
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{shorten(str(out))}: not a usable output folder ({e})") from None
+    source, target, target_kind = _resolved_output(src, out)
     if target == source or source in target.parents:
         raise CheckpointError(
             f"{out}: the output is the input {src} or lies inside it; converting there would overwrite the weights "
@@ -196,15 +193,56 @@ def check_convert_output(src: str | Path, out: str | Path, overwrite: bool = Fal
     if not stat.S_ISDIR(target_kind):
         raise CheckpointError(f"{out}: the output must be a folder, and this is a file")
     if not overwrite and not is_checkpoint_folder(target):
-        entries = sorted(p.name for p in target.iterdir())
-        if entries:
-            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        shown = _entries(target)
+        if shown:
             raise CheckpointError(
                 f"{out}: the output folder holds files ({shown}) and is not an mmfm checkpoint; converting into it "
                 f"writes {CONFIG_NAME}, {WEIGHTS_NAME} ... beside them and replaces files of those names: choose a "
                 "new or empty folder, or pass overwrite=True (`mmfm convert --overwrite`) to write there anyway"
             )
     return out
+
+
+def check_export_output(src: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Checks that exporting `src` into the folder `out` (`mmfm export SRC OUT`) can lose no file; returns `out`.
+
+    Refused: an output that is a file, that is the input or holds it, and (unless `overwrite=True`) a folder that
+    holds files, since an export writes files of its own names (config.json, model.safetensors, ...).
+
+    Raises:
+        CheckpointError: naming OUT (and SRC) and what is wrong, with what to do instead.
+    """
+    out = Path(out)
+    source, target, target_kind = _resolved_output(src, out)
+    if target == source or target in source.parents:
+        raise CheckpointError(
+            f"{out}: the output folder is the input {src} or holds it; exporting there could overwrite what is "
+            "being read: write into another folder"
+        )
+    if target_kind is not None and not stat.S_ISDIR(target_kind):
+        raise CheckpointError(f"{out}: the output must be a folder, and this is a file")
+    shown = _entries(target) if target_kind is not None else ""
+    if shown and not overwrite:
+        raise CheckpointError(
+            f"{out}: the output folder holds files ({shown}); exporting replaces files of the names it writes: "
+            "choose a new or empty folder, or pass overwrite=True (`mmfm export --overwrite`) to write there anyway"
+        )
+    return out
+
+
+def _resolved_output(src: str | Path, out: Path) -> tuple[Path, Path, int | None]:
+    """SRC and OUT resolved, and OUT's file mode (None when it does not exist); CheckpointError if unusable."""
+    try:
+        source, target = Path(src).resolve(), out.resolve()
+        return source, target, target.stat().st_mode if target.exists() else None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{shorten(str(out))}: not a usable output folder ({e})") from None
+
+
+def _entries(folder: Path) -> str:
+    """The names in a folder, the first five and how many more; "" for an empty one."""
+    entries = sorted(p.name for p in folder.iterdir())
+    return ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
 
 
 def _written_by_save(path: Path, folder: Path) -> bool:

@@ -345,7 +345,7 @@ def convert_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> Conver
     text = _text_config(gguf, tokenizer)
     state = state_from_hf(hf_state_from_gguf(gguf, hf, dtype), hf, source)
     config["text"].update(text)
-    config["name"] = str(gguf.metadata.get("general.name") or gguf.path.stem)
+    config["name"] = gguf.path.stem  # the file's own name ("SmolLM2-135M-Instruct.Q4_1"), as a folder's is
     return Converted(config, state, tokenizer=tokenizer, base=TEXT_ONLY)
 
 
