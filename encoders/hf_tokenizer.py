@@ -156,14 +156,15 @@ class HFTokenizer(Tokenizer):
             path, "tokenizer file", MAX_TOKENIZER_BYTES, "mmfm.encoders.hf_tokenizer.MAX_TOKENIZER_BYTES"
         )
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{name}: the tokenizer file is not JSON ({e})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-            raise ConfigError(f'{name}: not a Hugging Face tokenizer.json (it has no "model" object)')
-        try:
             backend = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # the tokenizers library raises plain Exception on a malformed tokenizer
+            # parsed again only to say what is wrong: not JSON, not a tokenizer, or a tokenizer it cannot read
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as bad:
+                raise ConfigError(f"{name}: the tokenizer file is not JSON ({bad})") from None
+            if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+                raise ConfigError(f'{name}: not a Hugging Face tokenizer.json (it has no "model" object)') from None
             raise ConfigError(f"{name}: the tokenizers library cannot read this tokenizer.json ({e})") from None
         try:
             return cls(backend, bos_token, eos_token, pad_token, stop_tokens)

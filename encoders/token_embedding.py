@@ -20,7 +20,8 @@ class TokenEmbedding(nn.Embedding):
 
     def __init__(self, vocab_size: int, dim: int) -> None:
         super().__init__(vocab_size, dim)
-        nn.init.normal_(self.weight, std=0.02)
+        if not self.weight.is_meta:  # a meta table (to be loaded) holds no values to draw
+            nn.init.normal_(self.weight, std=0.02)
 
     @property
     def vocab_size(self) -> int:

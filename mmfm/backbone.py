@@ -181,10 +181,11 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.grad_checkpointing = config.grad_checkpointing
-        self.apply(self._init_weights)
-        for block in self.blocks:  # scale residual projections by depth, as GPT-2 does
-            for lin in (block.attn.proj, block.mlp.down):
-                nn.init.normal_(lin.weight, std=0.02 / (2 * config.depth) ** 0.5)
+        if not self.norm.weight.is_meta:  # parameters on the meta device (to be loaded) hold no values to draw
+            self.apply(self._init_weights)
+            for block in self.blocks:  # scale residual projections by depth, as GPT-2 does
+                for lin in (block.attn.proj, block.mlp.down):
+                    nn.init.normal_(lin.weight, std=0.02 / (2 * config.depth) ** 0.5)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

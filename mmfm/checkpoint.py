@@ -454,11 +454,21 @@ def _assign(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
 
 
 def _all_finite(tensor: Tensor) -> bool:
-    """Whether every value is finite; checked in chunks, so the check's memory stays small for any tensor."""
+    """Whether every value is finite; checked in chunks, so the check's memory stays small for any tensor.
+
+    A chunk whose sum is finite holds no NaN or infinity (either would make the sum NaN or infinite), and a sum
+    reads the weights many times faster than an element-wise test; only a chunk whose sum is not finite (a
+    non-finite value, or finite ones large enough to overflow) is tested value by value.
+    """
     if not (tensor.is_floating_point() or tensor.is_complex()):
         return True
     flat = tensor.detach().reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK))
+    wide = torch.float64 if tensor.dtype == torch.float64 else None if tensor.is_complex() else torch.float32
+    for i in range(0, flat.numel(), _FINITE_CHUNK):
+        chunk = flat[i : i + _FINITE_CHUNK]
+        if not bool(torch.isfinite(chunk.sum(dtype=wide)).all()) and not bool(torch.isfinite(chunk).all()):
+            return False
+    return True
 
 
 def _some(names: list[str], limit: int = 10) -> str:
