@@ -101,7 +101,7 @@ def test_a_tower_config_round_trips_yaml(tmp_path):
             r"text.max_length \(40\) exceeds text.tower.context_length \(32\)",
         ),
         ({"contrastive": {"source": {"audio": "tower"}}}, r"'contrastive.source.audio' must be one of \['backbone'\]"),
-        ({"text": {"vocab": "vocab.txt"}}, "text.vocab is read only by the 'wordpiece' tokenizer"),
+        ({"text": {"vocab": "vocab.txt"}}, "text.vocab is read only by the 'wordpiece' and 'hf' tokenizers"),
     ],
 )
 def test_impossible_tower_settings_are_named(overrides, message):
