@@ -17,7 +17,7 @@ and ends a row at any of the model's EOS tokens or at a `stop` string.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -156,10 +156,17 @@ def _left_padded(model: MultimodalModel, rows: list[list[int]], config: Generati
     return ids.to(model.device), mask.to(model.device), min(config.max_new_tokens, limit - length)
 
 
-def _decoder(model: MultimodalModel, ids: Tensor, mask: Tensor, config: GenerationConfig):
+def _start(
+    model: MultimodalModel, rows: list[list[int]], config: GenerationConfig
+) -> tuple[Any, GenerationConfig, Tensor]:
+    """The decoder primed with the left-padded prompts, the config with `max_new_tokens` cut to the room left, and
+    the (B, L) prompt ids with -1 on padding (for the repetition penalty)."""
+    ids, mask, room = _left_padded(model, rows, config)
+    config = replace(config, max_new_tokens=room)
     seq = model.sequence(ids=ids, mask=mask)
     parts = model.decoder_parts()
-    return CachedDecoder(parts, seq, config.max_new_tokens) if config.use_cache else RecomputingDecoder(parts, seq)
+    state = CachedDecoder(parts, seq, room) if config.use_cache else RecomputingDecoder(parts, seq)
+    return state, config, ids.masked_fill(~mask, -1)
 
 
 def _eos_ids(model: MultimodalModel) -> list[int]:
@@ -188,24 +195,22 @@ def generate_token_ids(model: MultimodalModel, prompts: Sequence[Sequence[int]],
     config = GenerationConfig.from_options(generation, max_new_tokens=model.config.caption.max_new_tokens)
     if config.stop:
         raise InputError("stop strings end texts, not ids: use generate_text")
-    ids, mask, room = _left_padded(model, [list(p) for p in prompts], config)
-    config = replace(config, max_new_tokens=room)
-    state = _decoder(model, ids, mask, config)
-    return generate(state, config, _eos_ids(model), _suppressed(model), ids.masked_fill(~mask, -1))
+    return _token_ids(model, [list(p) for p in prompts], config)
+
+
+def _token_ids(model: MultimodalModel, rows: list[list[int]], config: GenerationConfig) -> list[list[int]]:
+    state, config, prompt = _start(model, rows, config)
+    return generate(state, config, _eos_ids(model), _suppressed(model), prompt)
 
 
 @torch.no_grad()
 def _generate_batch(model: MultimodalModel, rows: list[list[int]], config: GenerationConfig) -> list[str]:
     tok = model.tokenizer
     if not config.stop:
-        options = {f.name: getattr(config, f.name) for f in fields(config)}
-        return [_text(tok, row) for row in generate_token_ids(model, rows, **options)]
-    ids, mask, room = _left_padded(model, rows, config)
-    config = replace(config, max_new_tokens=room)
-    state = _decoder(model, ids, mask, config)
-    penalised = ids.masked_fill(~mask, -1)
+        return [_text(tok, row) for row in _token_ids(model, rows, config)]
+    state, config, prompt = _start(model, rows, config)
     eos = _eos_ids(model)
-    sampler = Sampler(state, config, eos, _suppressed(model), penalised)
+    sampler = Sampler(state, config, eos, _suppressed(model), prompt)
     texts = [_StoppingText(tok, config.stop) for _ in rows]
     for tokens in sampler:
         for i, token in enumerate(tokens.tolist()):
@@ -216,10 +221,9 @@ def _generate_batch(model: MultimodalModel, rows: list[list[int]], config: Gener
 
 @torch.no_grad()
 def _stream(model: MultimodalModel, row: list[int], config: GenerationConfig) -> Iterator[str]:
-    ids, mask, room = _left_padded(model, [row], config)
-    config = replace(config, max_new_tokens=room)
+    state, config, prompt = _start(model, [row], config)
     eos = _eos_ids(model)
-    sampler = Sampler(_decoder(model, ids, mask, config), config, eos, _suppressed(model), ids)
+    sampler = Sampler(state, config, eos, _suppressed(model), prompt)
     text = _StoppingText(model.tokenizer, config.stop)
     for tokens in sampler:
         token = int(tokens[0])

@@ -34,6 +34,7 @@ Both use rotate-half RoPE, so q and k need no permutation (GGUF's do: see `mmfm.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,8 @@ KEY_MAP = {
 }
 # mmfm key -> the HF keys stacked (in this order, along rows) into it
 _STACKED = {"attn.qkv": ("attn.q", "attn.k", "attn.v"), "mlp.gate_up": ("mlp.gate", "mlp.up")}
+_STACK_OF = {part: target for target, parts in _STACKED.items() for part in parts}
+_PART = re.compile(r"(backbone\.blocks\.\d+)\.(attn\.[qkv]|mlp\.gate|mlp\.up)\.(weight|bias)")
 
 
 # ---- config ----
@@ -249,27 +252,25 @@ def state_from_hf(state: dict[str, Tensor], hf: dict[str, Any], source: str) -> 
     state = {
         k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq") and not (tied and k == "lm_head.weight")
     }
-    renamed = rename(state, KEY_MAP, source)
-    out, problems = {}, []
-    for key, tensor in renamed.items():
-        stacked = next((target for target, parts in _STACKED.items() if any(f".{p}." in key for p in parts)), None)
-        if stacked is None:
+    out: dict[str, Tensor] = {}
+    groups: dict[tuple[str, str, str], dict[str, Tensor]] = {}  # (block, stacked name, kind) -> its parts found
+    for key, tensor in rename(state, KEY_MAP, source).items():
+        found = _PART.fullmatch(key)
+        if found is None:
             out[key] = tensor
-            continue
-        block, kind = key.split(".attn." if stacked == "attn.qkv" else ".mlp.")[0], key.rsplit(".", 1)[1]
-        target = f"{block}.{stacked}.{kind}"
-        if target in out:
-            continue
-        names = [f"{block}.{p}.{kind}" for p in _STACKED[stacked]]
-        absent = [n for n in names if n not in renamed]
+        else:
+            block, part, kind = found.groups()
+            groups.setdefault((block, _STACK_OF[part], kind), {})[part] = tensor
+    problems = []
+    for (block, stacked, kind), found in groups.items():
+        target, names = f"{block}.{stacked}.{kind}", _STACKED[stacked]
+        absent = [f"{block}.{p}.{kind}" for p in names if p not in found]
         if absent:
             problems.append(f"{target} needs {', '.join(names)}; missing {', '.join(absent)}")
-            continue
-        parts = [renamed[n] for n in names]
-        if len({p.shape[1:] for p in parts}) > 1:
-            problems.append(f"{target}: parts of shapes {[tuple(p.shape) for p in parts]} do not stack")
-            continue
-        out[target] = torch.cat(parts, dim=0)
+        elif len({found[p].shape[1:] for p in names}) > 1:
+            problems.append(f"{target}: parts of shapes {[tuple(found[p].shape) for p in names]} do not stack")
+        else:
+            out[target] = torch.cat([found[p] for p in names], dim=0)
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
     return out
@@ -408,7 +409,7 @@ def export_hf_llama(model: nn.Module, directory: str | Path) -> Path:
     state = {k: v.detach().cpu() for k, v in unique_state_dict(model).items()}
     save_file(state_to_hf(state, config), str(out / "model.safetensors"), {"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf, indent=2))
-    eos = [tok.eos_id, *(i for i in tok.eos_ids if i != tok.eos_id)]
+    eos = tok.eos_ids  # EOS first, then the stop tokens', without repeats
     generation = {
         "bos_token_id": tok.bos_id,
         "eos_token_id": eos if len(eos) > 1 else eos[0],
