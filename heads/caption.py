@@ -96,3 +96,28 @@ class CaptionObjective(Objective):
         rows = self.rows(batch)
         ids, mask = self.target(batch, rows)
         return model.caption_loss(media_of(batch, self.inputs, rows), ids, mask, reduction="sum")
+
+
+class ChatObjective(Objective):
+    """Next-token loss of the assistant replies of conversations (`Batch.chat`), with their interleaved media.
+
+    A unit is a supervised token. The media a conversation reads come with it, so the task takes no `inputs`.
+    """
+
+    @classmethod
+    def check_inputs(cls, inputs: Sequence[str], fail: Callable[[str], None]) -> None:
+        if inputs:
+            fail("a chat task takes no inputs: each conversation's media come with it (its <image>/<audio> items)")
+
+    def needs(self) -> list[str]:
+        return ["chat"]
+
+    def units(self, batch: Batch) -> Tensor:
+        if batch.chat is None:
+            return torch.zeros((), dtype=torch.long, device=batch.index.device)
+        return batch.chat.supervised[:, 1:].sum()
+
+    def loss_sum(self, model, batch: Batch, across_ranks: bool = False) -> Tensor:
+        if batch.chat is None:  # no conversation in this micro-batch: a zero that back-propagates nothing
+            return model.token_embedding.weight[:0].sum()
+        return model.chat_loss(batch.chat, reduction="sum")

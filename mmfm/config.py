@@ -92,7 +92,10 @@ class HeadSpec:
 
 
 HEADS: dict[str, HeadSpec] = {
-    "caption": HeadSpec("mmfm.heads.caption:CaptionHead", {"caption": "mmfm.heads.caption:CaptionObjective"}),
+    "caption": HeadSpec(
+        "mmfm.heads.caption:CaptionHead",
+        {"caption": "mmfm.heads.caption:CaptionObjective", "chat": "mmfm.heads.caption:ChatObjective"},
+    ),
     "classify": HeadSpec("mmfm.heads.classify:ClassifyHead", {"classify": "mmfm.heads.classify:ClassifyObjective"}),
     "contrastive": HeadSpec(
         "mmfm.heads.contrastive:ContrastiveHead", {"contrastive": "mmfm.heads.contrastive:ContrastiveObjective"}

@@ -75,13 +75,16 @@ class RecomputingDecoder:
         seq = self.seq
         x = self.parts.embed(tokens[:, None])  # (B, 1, D)
         last = seq.segments[-1]
+        blocks = None if seq.blocks is None else torch.cat([seq.blocks, seq.blocks.new_full((len(x), 1), -1)], dim=1)
         self.seq = TokenSequence(
             torch.cat([seq.embeds, x], dim=1),
             torch.cat([seq.mask, seq.mask.new_ones(seq.mask.shape[0], 1)], dim=1),
             seq.segments[:-1] + (Segment(last.modality, last.start, last.end + 1),),
+            blocks,
         )
         self.logits = self.parts.lm_head(self.parts.backbone.read(self.seq)[:, -1])
 
     def reorder(self, index: Tensor) -> None:
-        self.seq = replace(self.seq, embeds=self.seq.embeds[index], mask=self.seq.mask[index])
+        blocks = None if self.seq.blocks is None else self.seq.blocks[index]
+        self.seq = replace(self.seq, embeds=self.seq.embeds[index], mask=self.seq.mask[index], blocks=blocks)
         self.logits = self.logits[index]

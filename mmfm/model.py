@@ -25,6 +25,7 @@ from mmfm.sequence import Segment, TokenSequence
 if TYPE_CHECKING:
     from PIL import Image
 
+    from mmfm.chat_format import ChatInputs
     from mmfm.pipelines import Classification
 
 
@@ -184,7 +185,30 @@ class MultimodalModel(nn.Module):
 
     def hidden(self, seq: TokenSequence) -> Tensor:
         """(B, L, D) backbone states of a sequence under its attention policy."""
-        return self._pass(("hidden", seq.segments), (seq.embeds, seq.mask), lambda: self.backbone.read(seq))
+        inputs = (seq.embeds, seq.mask) if seq.blocks is None else (seq.embeds, seq.mask, seq.blocks)
+        return self._pass(("hidden", seq.segments), inputs, lambda: self.backbone.read(seq))
+
+    def chat_sequence(self, chat: ChatInputs) -> TokenSequence:
+        """The sequence of a batch of conversations: token embeddings, each media item's tokens at its slot."""
+        embeds = self.token_embedding(chat.ids)  # (B, L, D); media positions hold padding until filled below
+        for modality, x in chat.media.items():
+            tokens = self.media_tokens(modality, x).to(embeds.dtype)  # (N, n, D)
+            rows, starts = chat.slots[modality].unbind(dim=1)  # (N,), (N,)
+            positions = starts[:, None] + torch.arange(tokens.shape[1], device=starts.device)  # (N, n)
+            embeds = embeds.index_put((rows[:, None].expand_as(positions), positions), tokens)
+        return TokenSequence(embeds, chat.mask, (Segment("text", 0, embeds.shape[1]),), chat.blocks)
+
+    def chat_loss(self, chat: ChatInputs, reduction: str = "mean") -> Tensor:
+        """Next-token loss over the supervised (assistant) tokens of a batch of conversations.
+
+        The LM head runs only at the positions that predict a supervised token, not over the whole sequence.
+        `reduction` is "mean" over supervised tokens or "sum".
+        """
+        head = self.head("caption")
+        hidden = self.hidden(self.chat_sequence(chat))  # (B, L, D)
+        predicts = chat.supervised[:, 1:]  # (B, L-1): position t predicts token t + 1
+        logits = head(hidden[:, :-1][predicts])  # (n, vocab)
+        return F.cross_entropy(logits.float(), chat.ids[:, 1:][predicts], reduction=reduction)
 
     def caption_logits(self, media: dict[str, Tensor], ids: Tensor, mask: Tensor) -> Tensor:
         """(B, T, vocab) teacher-forced next-token logits of (B, T) caption ids given the media."""
@@ -381,6 +405,24 @@ class MultimodalModel(nn.Module):
 
         return text_pipeline.generate_text(
             self, prompts, messages=messages, stream=stream, batch_size=batch_size, progress=progress, **generation
+        )
+
+    def chat(
+        self,
+        messages: Sequence[Any],
+        images: Sequence[Any] | None = None,
+        audio: Sequence[Any] | None = None,
+        *,
+        stream: bool = False,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: bool = False,
+        **generation: Any,
+    ) -> str | list[str] | Iterator[str]:
+        """The assistant's reply to a conversation with `<image>`/`<audio>` placeholders; see `mmfm.chat_pipeline.chat`."""
+        from mmfm import chat_pipeline
+
+        return chat_pipeline.chat(
+            self, messages, images, audio, stream=stream, batch_size=batch_size, progress=progress, **generation
         )
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -4,6 +4,10 @@ Segments share one layout across the batch: every item has the same segments in 
 text segment is padded to the longest text in the batch (its mask says which tokens are real). Attention
 is bidirectional inside a media segment and causal everywhere else, so text never sees the future while
 an image or a clip is read as a whole.
+
+A conversation batch (`mmfm.chat_format`) interleaves media into text at places that differ from row to row: it is
+one text segment whose `blocks` say, per row and position, which media item a token belongs to (-1 for text);
+attention is bidirectional inside each such block, as inside a media segment.
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ class TokenSequence:
         embeds: (B, L, D) token embeddings.
         mask: (B, L) bool, True on real tokens, False on padding.
         segments: the layout, shared by the whole batch.
+        blocks: (B, L) long, for media interleaved at per-row places: the media item (numbered from 0 within
+            the row) each position belongs to, -1 on text; None when media sit in segments.
     """
 
     embeds: Tensor
     mask: Tensor
     segments: tuple[Segment, ...]
+    blocks: Tensor | None = None
 
     @classmethod
     def concat(cls, parts: list[tuple[str, Tensor, Tensor | None]]) -> TokenSequence:
@@ -62,8 +69,8 @@ class TokenSequence:
 
     @property
     def is_plain_causal(self) -> bool:
-        """True when plain causal attention is exact: no media segment and no padding."""
-        return all(s.modality == "text" for s in self.segments) and bool(self.mask.all())
+        """True when plain causal attention is exact: no media segment, no interleaved media and no padding."""
+        return all(s.modality == "text" for s in self.segments) and self.blocks is None and bool(self.mask.all())
 
     @property
     def modality_ids(self) -> Tensor:
@@ -88,13 +95,16 @@ class TokenSequence:
         """(B, 1, L, L) bool, True where query i may attend key j."""
         L = self.mask.shape[1]
         device = self.mask.device
-        block_id = torch.full((L,), -1, dtype=torch.long, device=device)
-        for i, s in enumerate(self.segments):
-            if s.modality in MEDIA_MODALITIES:
-                block_id[s.start : s.end] = i
-        same_block = (block_id[:, None] == block_id[None, :]) & (block_id[:, None] >= 0)  # (L, L)
+        if self.blocks is not None:
+            block_id = self.blocks  # (B, L)
+        else:
+            block_id = torch.full((1, L), -1, dtype=torch.long, device=device)
+            for i, s in enumerate(self.segments):
+                if s.modality in MEDIA_MODALITIES:
+                    block_id[:, s.start : s.end] = i
+        same_block = (block_id[:, :, None] == block_id[:, None, :]) & (block_id[:, :, None] >= 0)  # (B|1, L, L)
         causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
-        allowed = (causal | same_block)[None] & self.mask[:, None, :]  # (B, L, L)
+        allowed = (causal | same_block) & self.mask[:, None, :]  # (B, L, L)
         # A padded query would otherwise see nothing and turn softmax into NaN; its output is ignored.
         allowed |= torch.eye(L, dtype=torch.bool, device=device)
         return allowed[:, None]

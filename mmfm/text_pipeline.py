@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -27,10 +27,19 @@ from mmfm.config import DEFAULT_BATCH_SIZE
 from mmfm.decoding import CachedDecoder, RecomputingDecoder
 from mmfm.errors import InputError
 from mmfm.pipelines import batches, text_items
+from mmfm.sequence import TokenSequence
 from mmfm.text_generation import GenerationConfig, Sampler, generate
 
 # A `mmfm.model.MultimodalModel`, annotated `nn.Module` as in `mmfm.pipelines` (the model forwards here).
 MultimodalModel = nn.Module
+
+
+class Started(NamedTuple):
+    """A decoder primed with prompts (`start`): what the generation loops continue."""
+
+    state: Any
+    config: GenerationConfig
+    prompt: Tensor
 
 
 def generate_text(
@@ -70,8 +79,8 @@ def generate_text(
     if (prompts is None) == (messages is None):
         raise InputError("generate_text takes prompts or messages= (a conversation), one of them")
     if messages is not None:
-        single = _is_conversation(messages)
-        conversations = [messages] if single else _conversations(messages)
+        single = is_conversation(messages)
+        conversations = [messages] if single else conversation_list(messages)
         rows = [
             conversation_ids(model, c, f"messages[{i}]" if not single else "messages")
             for i, c in enumerate(conversations)
@@ -84,10 +93,10 @@ def generate_text(
             raise InputError(f"stream=True generates one text at a time, got {len(rows)} prompts")
         if config.num_beams > 1:
             raise InputError("stream=True decodes token by token; beam search (num_beams > 1) cannot stream")
-        return _stream(model, rows[0], config)
+        return stream_text(model, _start(model, rows, config))
     texts = []
     for batch in batches(len(rows), batch_size, progress, "generate"):
-        texts += _generate_batch(model, rows[batch], config)
+        texts += generate_batch(model, _start(model, rows[batch], config))
     return texts[0] if single else texts
 
 
@@ -116,7 +125,7 @@ def conversation_ids(
     return model.tokenizer.encode(rendered)
 
 
-def _is_conversation(messages: object) -> bool:
+def is_conversation(messages: object) -> bool:
     return (
         isinstance(messages, Sequence)
         and not isinstance(messages, str)
@@ -124,49 +133,59 @@ def _is_conversation(messages: object) -> bool:
     )
 
 
-def _conversations(messages: object) -> list[Sequence[Mapping[str, Any]]]:
+def conversation_list(messages: object) -> list[Sequence[Mapping[str, Any]]]:
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
         raise InputError(
             f"messages= must be a conversation (a list of {{'role', 'content'}} dicts) or a list of them, got "
             f"{type(messages).__name__}"
         )
     for i, conversation in enumerate(messages):
-        if not _is_conversation(conversation):
+        if not is_conversation(conversation):
             raise InputError(f"messages[{i}] must be a conversation: a list of {{'role', 'content'}} dicts")
     return list(messages)
 
 
-def _left_padded(model: MultimodalModel, rows: list[list[int]], config: GenerationConfig) -> tuple[Tensor, Tensor, int]:
-    """(B, L) left-padded ids, their mask, and how many tokens fit after them."""
+def check_prompt_lengths(model: MultimodalModel, lengths: Sequence[int], what: str = "prompt") -> None:
+    """Refuses an empty prompt, or one that leaves no room to generate within `backbone.max_seq_len`."""
     limit = model.config.backbone.max_seq_len
-    for i, row in enumerate(rows):
-        if len(row) >= limit:
+    for i, length in enumerate(lengths):
+        if length >= limit:
             raise InputError(
-                f"prompt {i} has {len(row)} tokens; the model reads at most backbone.max_seq_len = {limit}, and "
-                "generating needs at least one more: shorten the prompt"
+                f"{what} {i} has {length} tokens; the model reads at most backbone.max_seq_len = {limit}, and "
+                f"generating needs at least one more: shorten the {what}"
             )
-        if not row:
-            raise InputError(f"prompt {i} is empty after tokenization; a model needs at least one token to continue")
+        if not length:
+            raise InputError(f"{what} {i} is empty after tokenization; a model needs at least one token to continue")
+
+
+def _start(model: MultimodalModel, rows: list[list[int]], config: GenerationConfig) -> Started:
+    """Generation from left-padded prompt ids."""
+    check_prompt_lengths(model, [len(row) for row in rows])
     length = max(len(row) for row in rows)
     ids = torch.full((len(rows), length), model.tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.bool)
     for i, row in enumerate(rows):
         ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
         mask[i, length - len(row) :] = True
-    return ids.to(model.device), mask.to(model.device), min(config.max_new_tokens, limit - length)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    return start(model, model.sequence(ids=ids, mask=mask), ids.masked_fill(~mask, -1), config)
 
 
-def _start(
-    model: MultimodalModel, rows: list[list[int]], config: GenerationConfig
-) -> tuple[Any, GenerationConfig, Tensor]:
-    """The decoder primed with the left-padded prompts, the config with `max_new_tokens` cut to the room left, and
-    the (B, L) prompt ids with -1 on padding (for the repetition penalty)."""
-    ids, mask, room = _left_padded(model, rows, config)
+def start(model: MultimodalModel, seq: TokenSequence, prompt: Tensor, config: GenerationConfig) -> Started:
+    """The decoder primed with a left-padded prompt sequence, and the config with `max_new_tokens` cut to the room
+    the sequence leaves.
+
+    Args:
+        model: the model.
+        seq: the prompts' token sequence, left-padded.
+        prompt: (B, L) the prompt's token ids, -1 on padding and media (what the repetition penalty counts).
+        config: the generation options.
+    """
+    room = min(config.max_new_tokens, model.config.backbone.max_seq_len - seq.mask.shape[1])
     config = replace(config, max_new_tokens=room)
-    seq = model.sequence(ids=ids, mask=mask)
     parts = model.decoder_parts()
     state = CachedDecoder(parts, seq, room) if config.use_cache else RecomputingDecoder(parts, seq)
-    return state, config, ids.masked_fill(~mask, -1)
+    return Started(state, config, prompt)
 
 
 def _eos_ids(model: MultimodalModel) -> list[int]:
@@ -195,20 +214,21 @@ def generate_token_ids(model: MultimodalModel, prompts: Sequence[Sequence[int]],
     config = GenerationConfig.from_options(generation, max_new_tokens=model.config.caption.max_new_tokens)
     if config.stop:
         raise InputError("stop strings end texts, not ids: use generate_text")
-    return _token_ids(model, [list(p) for p in prompts], config)
+    return _token_ids(model, _start(model, [list(p) for p in prompts], config))
 
 
-def _token_ids(model: MultimodalModel, rows: list[list[int]], config: GenerationConfig) -> list[list[int]]:
-    state, config, prompt = _start(model, rows, config)
+def _token_ids(model: MultimodalModel, started: Started) -> list[list[int]]:
+    state, config, prompt = started
     return generate(state, config, _eos_ids(model), _suppressed(model), prompt)
 
 
 @torch.no_grad()
-def _generate_batch(model: MultimodalModel, rows: list[list[int]], config: GenerationConfig) -> list[str]:
+def generate_batch(model: MultimodalModel, started: Started) -> list[str]:
+    """The texts generated from a primed decoder (`start`), each cut at its first EOS or stop string."""
     tok = model.tokenizer
-    if not config.stop:
-        return [_text(tok, row) for row in _token_ids(model, rows, config)]
-    state, config, prompt = _start(model, rows, config)
+    if not started.config.stop:
+        return [_text(tok, row) for row in _token_ids(model, started)]
+    state, config, prompt = started
     eos = _eos_ids(model)
     sampler = Sampler(state, config, eos, _suppressed(model), prompt)
     texts = [_StoppingText(tok, config.stop) for _ in rows]
@@ -220,8 +240,9 @@ def _generate_batch(model: MultimodalModel, rows: list[list[int]], config: Gener
 
 
 @torch.no_grad()
-def _stream(model: MultimodalModel, row: list[int], config: GenerationConfig) -> Iterator[str]:
-    state, config, prompt = _start(model, [row], config)
+def stream_text(model: MultimodalModel, started: Started) -> Iterator[str]:
+    """The text generated from a primed decoder of one row (`start`), in pieces as they are decoded."""
+    state, config, prompt = started
     eos = _eos_ids(model)
     sampler = Sampler(state, config, eos, _suppressed(model), prompt)
     text = _StoppingText(model.tokenizer, config.stop)

@@ -23,18 +23,25 @@ class CachedMediaDataset(Dataset):
         dataset: the wrapped dataset.
         media: per modality, the (N, ...) processed tensors of all items (zeros where an item has none).
         present: per modality, the (N,) bool mask of items that have it.
+        conversation_media: per modality, the processed tensor of every file conversations name (by path, each
+            file processed once however many conversations use it).
     """
 
     def __init__(self, dataset: Any, processors: dict[str, Any]) -> None:
         self.dataset = dataset
         self.media: dict[str, Tensor] = {}
         self.present: dict[str, Tensor] = {}
+        self.conversation_media: dict[str, dict[str, Tensor]] = {m: {} for m in MEDIA if m in processors}
         rows: dict[str, dict[int, Tensor]] = {m: {} for m in MEDIA if m in processors}
         for i in range(len(dataset)):
             item = dataset[i]
             for modality, found in rows.items():
                 if item.get(modality) is not None:
                     found[i] = process_media(modality, processors[modality], item[modality], item["index"])
+                files = self.conversation_media[modality]
+                for path in item.get("media", {}).get(modality, []):
+                    if path not in files:
+                        files[path] = process_media(modality, processors[modality], path, item["index"])
         for modality, found in rows.items():
             if not found:
                 continue
@@ -57,6 +64,9 @@ class CachedMediaDataset(Dataset):
         for modality, stacked in self.media.items():
             if self.present[modality][index]:
                 item[modality] = stacked[index]
+        if "media" in item:
+            cached = self.conversation_media
+            item["media"] = {m: [cached.get(m, {}).get(p, p) for p in paths] for m, paths in item["media"].items()}
         return item
 
 
@@ -65,7 +75,8 @@ def cache_media(dataset: Any, processors: dict[str, Any]) -> CachedMediaDataset:
 
     Items come back as the wrapped dataset makes them, with `image`/`audio` replaced by the processed (C, H, W) or
     (frames, mel) tensor; a `Collator` uses such tensors as they are. Memory is N times one processed item per
-    modality (the digits demo with mmfm-tiny: about 25 MB of pixels and 60 MB of fbanks). Only media the processors
+    modality (the digits demo with mmfm-tiny: about 25 MB of pixels and 60 MB of fbanks); a conversation's media are
+    kept once per file. Only media the processors
     cover are cached; others stay as paths. With DataLoader workers started by fork the tensors are shared, not
     copied.
 

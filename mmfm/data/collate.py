@@ -3,6 +3,9 @@
 Items may lack any modality: a missing image or clip is a row of zeros with False in `has_image`/`has_audio`, a
 missing caption or text a row of padding with False in `has_caption`/`has_text`, a missing label -1. The
 `Collator` runs in DataLoader workers, so it only holds picklable state (processors and a tokenizer).
+
+Conversation items (`messages`, see `mmfm.data.manifest`) are encoded with the model's chat format (unless the
+dataset did that already) and packed, right-padded, into `Batch.chat` with their media.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from torch import Tensor
 from mmfm.errors import InputError
 
 if TYPE_CHECKING:
+    from mmfm.chat_format import ChatFormat, ChatInputs
     from mmfm.encoders.tokenizers import Tokenizer
-    from mmfm.model import MultimodalModel
 
 MEDIA = ("image", "audio")
 
@@ -42,6 +45,8 @@ class Batch:
         has_text: (B,) bool.
         label: (B,) long index into the collator's classes, -1 where an item has no label (or there are no classes).
         captions: every item's reference captions, an empty list where it has none (for evaluation metrics).
+        has_chat: (B,) bool, True where the item is a conversation.
+        chat: the conversations of the `has_chat` rows (in batch order) with their media; None when there are none.
     """
 
     index: Tensor
@@ -57,6 +62,8 @@ class Batch:
     has_text: Tensor
     label: Tensor
     captions: list[list[str]]
+    has_chat: Tensor
+    chat: ChatInputs | None = None
 
     def __len__(self) -> int:
         return self.index.shape[0]
@@ -71,6 +78,8 @@ class Batch:
 
     def _map(self, fn: Any) -> Batch:
         changes = {f.name: fn(v) for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), Tensor)}
+        if self.chat is not None:
+            changes["chat"] = self.chat.apply(fn)
         return dataclasses.replace(self, **changes)
 
 
@@ -87,6 +96,7 @@ class Collator:
         max_length: most ids per caption or text, BOS and EOS included (`config.text.max_length`).
         classes: class names in the classifier's order; labels are turned into their positions. None ignores labels
             (every row gets -1), for models without a classify head.
+        chat_format: encodes conversation items (`ChatFormat.from_model`); None for a model that cannot read them.
     """
 
     def __init__(
@@ -95,19 +105,26 @@ class Collator:
         tokenizer: Tokenizer,
         max_length: int,
         classes: Sequence[str] | None = None,
+        chat_format: ChatFormat | None = None,
     ) -> None:
         self.processors = dict(processors)
+        self.chat_format = chat_format
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.classes = None if classes is None else list(classes)
         self._class_index = None if classes is None else {c: i for i, c in enumerate(self.classes)}
 
     @classmethod
-    def from_model(cls, model: MultimodalModel) -> Collator:
-        """The collator that feeds `model`: its processors, tokenizer, text length and classify labels."""
+    def from_model(cls, model: Any) -> Collator:
+        """The collator that feeds `model` (a `MultimodalModel`; this module does not import the model, which
+        imports it through the chat pipeline): its processors, tokenizer, text length, classify labels and chat
+        format."""
+        from mmfm.chat_format import ChatFormat
+
         config = model.config
         classes = config.classify.labels if config.classify is not None else None
-        return cls(model.processors, model.tokenizer, config.text.max_length, classes)
+        chat_format = ChatFormat.from_model(model) if config.text.chat_template is not None else None
+        return cls(model.processors, model.tokenizer, config.text.max_length, classes, chat_format)
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> Batch:
         """Collates dataset items.
@@ -154,6 +171,8 @@ class Collator:
             has_text=has_text,
             label=self._labels(items),
             captions=[list(item.get("captions", [item["caption"]] if "caption" in item else [])) for item in items],
+            has_chat=_mask(B, [i for i, item in enumerate(items) if "messages" in item]),
+            chat=self._conversations([item for item in items if "messages" in item]),
         )
 
     def _tokenize(self, items: Sequence[dict[str, Any]], key: str) -> tuple[Tensor | None, Tensor | None, Tensor]:
@@ -167,6 +186,33 @@ class Collator:
         full_mask = torch.zeros((len(items), ids.shape[1]), dtype=torch.bool)
         full_ids[rows], full_mask[rows] = ids, mask
         return full_ids, full_mask, has
+
+    def _conversations(self, items: Sequence[dict[str, Any]]) -> ChatInputs | None:
+        """The conversation items encoded and packed with their processed media, or None when there are none."""
+        from mmfm.chat_format import pack
+
+        if not items:
+            return None
+        if self.chat_format is None:
+            raise InputError(
+                f"item {items[0]['index']} is a conversation, but the model has no chat template to read it with"
+            )
+        encoded, media = [], []
+        for item in items:
+            conversation = item.get("conversation")
+            if conversation is None:
+                conversation = self.chat_format.encode(item["messages"], what=f"item {item['index']}: messages")
+            encoded.append(conversation)
+            used = conversation.counts()
+            # a truncated conversation reads only its first items; the chat format refused modalities without encoder
+            media.append(
+                {
+                    m: [process_media(m, self.processors[m], v, item["index"]) for v in values[: used[m]]]
+                    for m, values in item["media"].items()
+                    if used[m]
+                }
+            )
+        return pack(encoded, media, self.tokenizer.pad_id)
 
     def _labels(self, items: Sequence[dict[str, Any]]) -> Tensor:
         labels = torch.full((len(items),), -1, dtype=torch.long)

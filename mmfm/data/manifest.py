@@ -13,6 +13,21 @@ A manifest has one example per line, a JSON object with any of these keys:
 - `label`: a class name; an int is accepted and becomes its str (`7` -> `"7"`).
 - `id`: an optional str or int, passed through.
 
+A conversation line (for chat training and evaluation, see `mmfm.chat_format`) holds `messages` instead:
+
+```
+{"messages": [{"role": "user", "content": "<image>\nWhich digit is this?"},
+              {"role": "assistant", "content": "It is a seven."}],
+ "images": ["img/7.png"], "audio": [], "family": "image_digit", "answer": "seven", "id": 12}
+```
+
+- `messages`: the turns (roles system, user, assistant); `<image>` and `<audio>` placeholders anywhere in them.
+- `images`, `audio`: lists of paths, taken in order by the placeholders; each count must equal its placeholders'.
+- `family`: an optional question family, for per-family metrics; `answer`: an optional word or phrase a correct
+  reply must contain (else the last assistant turn is the reference); `id` as above.
+- there must be an assistant turn; given a model's `ChatFormat`, the dataset also checks that each conversation
+  fits (`mmfm.chat_format` says how a long one is cut) and keeps its encoding.
+
 Lines are separated by "\n" only (U+2028 and U+0085 are valid inside JSON strings). Every line is checked when
 the dataset is built - its JSON (nesting too deep to read is a bad line), its types, that its text is valid
 Unicode (no lone surrogates) and that its media are files - so a bad line fails (or is skipped) before training
@@ -26,9 +41,12 @@ import os
 import stat
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from mmfm.chat_format import ChatFormat
 
 from mmfm.config import MEDIA, shorten
 from mmfm.errors import InputError
@@ -36,6 +54,9 @@ from mmfm.errors import InputError
 IMAGE_EXTENSIONS = MEDIA["image"].extensions
 AUDIO_EXTENSIONS = MEDIA["audio"].extensions
 MANIFEST_KEYS = ("image", "audio", "text", "caption", "label", "id")
+CONVERSATION_KEYS = ("messages", "images", "audio", "family", "answer", "id")
+# Media keys of a conversation line, by modality.
+CONVERSATION_MEDIA = {"image": "images", "audio": "audio"}
 
 # How many skipped lines the warning of on_error="skip" lists before "and N more".
 _SKIPS_LISTED = 5
@@ -50,6 +71,9 @@ class ManifestDataset(Dataset):
         path: the manifest file; relative media paths in it are resolved against its directory.
         on_error: "raise" stops at the first bad line with an `InputError` naming `file:line`; "skip" drops bad
             lines, warns once with their count and the first few, and records them in `skipped`.
+        chat_format: the model's `ChatFormat`: conversation lines are encoded up front (a placeholder of a modality
+            the model lacks, or a conversation with no reply within the limit, is a bad line) and their items
+            carry the encoding as `conversation`.
 
     Attributes:
         path: the manifest path as given.
@@ -60,7 +84,7 @@ class ManifestDataset(Dataset):
             holds a usable example.
     """
 
-    def __init__(self, path: str | Path, on_error: str = "raise") -> None:
+    def __init__(self, path: str | Path, on_error: str = "raise", chat_format: ChatFormat | None = None) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.path = Path(path)
@@ -72,7 +96,10 @@ class ManifestDataset(Dataset):
             if not line.strip():
                 continue
             try:
-                self._records.append(parse_record(line, root))
+                record = parse_record(line, root)
+                if chat_format is not None and "messages" in record:
+                    record["conversation"] = chat_format.encode(record["messages"])
+                self._records.append(record)
             except InputError as e:
                 if on_error == "raise":
                     raise InputError(f"{self.path}:{line_no}: {e}") from None
@@ -95,7 +122,9 @@ class ManifestDataset(Dataset):
 
         Returns:
             `index`, plus whichever of these the example has: `image` and `audio` (absolute path str), `text`,
-            `caption` (the chosen str), `captions` (all references), `label` (str), `id`.
+            `caption` (the chosen str), `captions` (all references), `label` (str), `id`; a conversation's item
+            has `messages`, `media` ({"image": [paths], "audio": [paths]}), `family`, `answer`, `id` and, when
+            the dataset was given a chat format, `conversation` (its `EncodedConversation`).
         """
         index, draw = _split_key(key, len(self))
         return make_item(index, self._records[index], draw)
@@ -199,28 +228,66 @@ def parse_record(line: str, root: Path) -> dict[str, Any]:
         InputError: the problem, without the line number (the caller adds `file:line`).
     """
     data = parse_json_object(line)
+    if "messages" in data:
+        return parse_conversation(data, root)
     unknown = [k for k in data if k not in MANIFEST_KEYS]
     if unknown:
         raise InputError(f"unknown key {unknown[0]!r} (known: {', '.join(MANIFEST_KEYS)})")
     record: dict[str, Any] = {}
     for key in ("image", "audio"):
         if key in data:
-            value = data[key]
-            if not isinstance(value, str) or not value:
-                raise InputError(f"{key} must be a non-empty path string, got {_json_type(value)}")
-            _check_unicode(value, key)
-            path = root / value
-            try:
-                is_file, exists = path.is_file(), path.exists()
-            except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
-                raise InputError(f"{key} {_shown(value)} is not a usable path ({_os_reason(e)})") from None
-            if not is_file:
-                raise InputError(f"{key} {_shown(value)} {'is not a file' if exists else 'not found'}")
-            record[key] = str(path.resolve())
+            record[key] = _media_path(data[key], key, root)
     record.update(parse_fields(data))
     if not any(k in record for k in ("image", "audio", "text", "caption")):
         raise InputError("the example has no image, audio, text or caption")
     return record
+
+
+def parse_conversation(data: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Validates a conversation line (the module docstring): turns, media lists matching the placeholders, fields.
+
+    Raises:
+        InputError: the problem, without the line number (the caller adds `file:line`).
+    """
+    from mmfm.chat_format import check_media_counts, check_messages
+
+    unknown = [k for k in data if k not in CONVERSATION_KEYS]
+    if unknown:
+        raise InputError(f"unknown key {unknown[0]!r} in a conversation (known: {', '.join(CONVERSATION_KEYS)})")
+    messages = check_messages(data["messages"])
+    for i, turn in enumerate(messages):
+        _check_unicode(turn["content"], f"messages[{i}].content")
+    if not any(turn["role"] == "assistant" for turn in messages):
+        raise InputError("the conversation has no assistant turn to learn from or to compare with")
+    media: dict[str, list[str]] = {}
+    for modality, key in CONVERSATION_MEDIA.items():
+        paths = data.get(key, [])
+        if not isinstance(paths, list):
+            raise InputError(f"{key} must be a list of paths in a conversation, got {_json_type(paths)}")
+        media[modality] = [_media_path(p, f"{key}[{i}]", root) for i, p in enumerate(paths)]
+    check_media_counts(messages, {m: len(paths) for m, paths in media.items()}, "its messages")
+    record: dict[str, Any] = {"messages": messages, "media": media}
+    for key in ("family", "answer"):
+        if key in data:
+            record[key] = _nonempty_str(data[key], key)
+    if "id" in data:
+        record.update(parse_fields({"id": data["id"]}))
+    return record
+
+
+def _media_path(value: Any, key: str, root: Path) -> str:
+    """The absolute path of a media file named in a manifest, which must exist."""
+    if not isinstance(value, str) or not value:
+        raise InputError(f"{key} must be a non-empty path string, got {_json_type(value)}")
+    _check_unicode(value, key)
+    path = root / value
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+        raise InputError(f"{key} {_shown(value)} is not a usable path ({_os_reason(e)})") from None
+    if not is_file:
+        raise InputError(f"{key} {_shown(value)} {'is not a file' if exists else 'not found'}")
+    return str(path.resolve())
 
 
 def parse_json_object(text: str | bytes) -> dict[str, Any]:
@@ -278,7 +345,9 @@ def parse_fields(data: dict[str, Any]) -> dict[str, Any]:
 def make_item(index: int, record: dict[str, Any], draw: int | None) -> dict[str, Any]:
     """The item dict of a validated record: picks the caption `draw` selects (the first one when None)."""
     item: dict[str, Any] = {"index": index}
-    for key in ("image", "audio", "text", "label", "id"):
+    if "messages" in record:
+        item["media"] = {m: list(paths) for m, paths in record["media"].items()}
+    for key in ("image", "audio", "text", "label", "id", "messages", "family", "answer", "conversation"):
         if key in record:
             item[key] = record[key]
     if "caption" in record:
