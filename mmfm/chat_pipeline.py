@@ -105,15 +105,14 @@ def chat(
 @torch.no_grad()
 def _start(model: MultimodalModel, prompts: list, config: GenerationConfig) -> Started:
     """The decoder primed with left-padded conversations whose media are loaded and processed now."""
-    processed = []
-    for row, (_, items) in enumerate(prompts):
-        processed.append(
-            {
-                m: [process_media(m, model.processors[m], value, index) for index, value in enumerate(values)]
-                for m, values in items.items()
-                if values
-            }
-        )
+    processed = [
+        {
+            m: [process_media(m, model.processors[m], value, index) for index, value in enumerate(values)]
+            for m, values in items.items()
+            if values
+        }
+        for _, items in prompts
+    ]
     inputs = pack([encoded for encoded, _ in prompts], processed, model.tokenizer.pad_id, padding_side="left")
     inputs = _on_model(inputs, model)
     seq = model.chat_sequence(inputs)

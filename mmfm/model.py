@@ -418,7 +418,7 @@ class MultimodalModel(nn.Module):
         progress: bool = False,
         **generation: Any,
     ) -> str | list[str] | Iterator[str]:
-        """The assistant's reply to a conversation with `<image>`/`<audio>` placeholders; see `mmfm.chat_pipeline.chat`."""
+        """The reply to a conversation with `<image>`/`<audio>` placeholders; see `mmfm.chat_pipeline.chat`."""
         from mmfm import chat_pipeline
 
         return chat_pipeline.chat(

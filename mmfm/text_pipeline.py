@@ -231,7 +231,7 @@ def generate_batch(model: MultimodalModel, started: Started) -> list[str]:
     state, config, prompt = started
     eos = _eos_ids(model)
     sampler = Sampler(state, config, eos, _suppressed(model), prompt)
-    texts = [_StoppingText(tok, config.stop) for _ in rows]
+    texts = [_StoppingText(tok, config.stop) for _ in range(len(prompt))]
     for tokens in sampler:
         for i, token in enumerate(tokens.tolist()):
             if not texts[i].done and texts[i].push(token, token in eos):
