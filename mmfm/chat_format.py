@@ -318,5 +318,10 @@ class ChatFormat:
         return EncodedConversation(encoded.ids[:end], encoded.supervised[:end], kept, truncated=True)
 
 
+def chat_format_of(model: Any) -> ChatFormat | None:
+    """The model's `ChatFormat`, or None when it has no chat template (it cannot read conversations)."""
+    return ChatFormat.from_model(model) if model.config.text.chat_template is not None else None
+
+
 def _kind(value: Any) -> str:
     return "nothing" if value is None else type(value).__name__

@@ -119,12 +119,11 @@ class Collator:
         """The collator that feeds `model` (a `MultimodalModel`; this module does not import the model, which
         imports it through the chat pipeline): its processors, tokenizer, text length, classify labels and chat
         format."""
-        from mmfm.chat_format import ChatFormat
+        from mmfm.chat_format import chat_format_of
 
         config = model.config
         classes = config.classify.labels if config.classify is not None else None
-        chat_format = ChatFormat.from_model(model) if config.text.chat_template is not None else None
-        return cls(model.processors, model.tokenizer, config.text.max_length, classes, chat_format)
+        return cls(model.processors, model.tokenizer, config.text.max_length, classes, chat_format_of(model))
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> Batch:
         """Collates dataset items.

@@ -47,6 +47,9 @@ from mmfm.errors import ConfigError
 ObjectiveName = Literal[tuple(OBJECTIVE_HEADS)]
 # Seeds are integers within +-SEED_LIMIT: every rank's seed (seed + 1 + rank) still fits torch's 64-bit seeds.
 SEED_LIMIT = 2**62
+# `optim.component_lr` keys: the parameter groups that can have learning rates of their own (`mmfm.train.optim`).
+LR_COMPONENTS = ("encoders", "projectors", "backbone", "heads", "lora")
+
 # Objective names of earlier releases -> today's; a recipe using one still runs, with a warning.
 RENAMED_OBJECTIVES = {"denoise": "image_gen"}
 
@@ -105,6 +108,9 @@ class OptimConfig:
         betas: Adam betas.
         eps: Adam epsilon.
         grad_clip: clip the global gradient norm to this; 0 disables.
+        component_lr: peak learning rates of named components, overriding `lr` for their parameters: "encoders"
+            (media encoders and text towers), "projectors", "backbone" (with the token embedding), "heads" and
+            "lora" (adapter weights, wherever they sit); e.g. {projectors: 1.0e-3, lora: 2.0e-4}.
     """
 
     lr: float = 1e-3
@@ -114,6 +120,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0
+    component_lr: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -349,6 +356,11 @@ def validate_train(config: TrainConfig, source: str) -> None:
     if config.batch_size % config.grad_accum:
         fail(f"grad_accum ({config.grad_accum}) must divide batch_size ({config.batch_size})")
     o = config.optim
+    for component, lr in o.component_lr.items():
+        if component not in LR_COMPONENTS:
+            fail(f"optim.component_lr: unknown component {component!r} (known: {', '.join(LR_COMPONENTS)})")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            fail(f"optim.component_lr.{component} must be a learning rate > 0, got {lr!r}")
     if o.lr <= 0 or not 0 <= o.min_lr_ratio <= 1 or o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
         fail(
             f"optim needs lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0, grad_clip >= 0, weight_decay >= 0; got {o}"

@@ -6,6 +6,8 @@
 - retrieval R@1, both directions: the nearest neighbour (by embedding dot product) among the held-out
   examples is a match - the same example, or, when examples carry labels, any example with the same label
   (digits has ten captions shared by many images, so "the same label" is what a correct retrieval means).
+- chat: the greedy reply to each held-out conversation is right (`mmfm.train.chat_eval`), overall and per
+  question family.
 - every task also reports its held-out loss.
 """
 
@@ -19,14 +21,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from mmfm.chat_format import chat_format_of
 from mmfm.config import MEDIA_MODALITIES, build_dataclass, quote, read_yaml_mapping
 from mmfm.data import Batch, Collator, EpochSampler, ManifestDataset
 from mmfm.errors import ConfigError, InputError
-from mmfm.heads.caption import CaptionObjective
+from mmfm.heads.caption import CaptionObjective, ChatObjective
 from mmfm.heads.classify import ClassifyObjective
 from mmfm.heads.contrastive import ContrastiveObjective
 from mmfm.objective import Objective, media_of
 from mmfm.pipelines import caption_tensors
+from mmfm.train.chat_eval import reply_metrics
 from mmfm.train.config import TaskConfig
 from mmfm.train.objectives import build_objective
 
@@ -61,6 +65,7 @@ def _evaluate(model, objectives: dict[str, Objective], loader: DataLoader, max_n
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, float] = defaultdict(float)
     retrieval: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    conversations: dict[str, list[int]] = defaultdict(list)  # chat task -> dataset indices of its conversations
     for batch in loader:
         batch = batch.to(model.device)
         for name, objective in objectives.items():
@@ -80,7 +85,12 @@ def _evaluate(model, objectives: dict[str, Objective], loader: DataLoader, max_n
                 for m in objective.inputs:
                     retrieval[name][m].append(objective.embeddings(model, batch, m, rows).float().cpu())
                 retrieval[name]["key"].append(_match_keys(batch, rows).cpu())
+            elif isinstance(objective, ChatObjective):
+                conversations[name] += batch.index[rows].tolist()
     metrics = {f"val/{k}": sums[k] / counts[k] for k in sums if counts[k]}
+    for name, indices in conversations.items():
+        replies, _ = reply_metrics(model, [loader.dataset[i] for i in indices], loader.batch_size, max_new_tokens)
+        metrics.update({f"val/{name}/{k}": v for k, v in replies.items()})
     for name, parts in retrieval.items():
         a_name, b_name = objectives[name].inputs
         metrics.update(_recall_at_1(name, a_name, b_name, parts))
@@ -151,7 +161,7 @@ def evaluate_manifest(
 
     out_path = prepare_output(out) if out is not None else None
     model = load(model_dir) if model is None else model
-    dataset = ManifestDataset(manifest)
+    dataset = ManifestDataset(manifest, chat_format=chat_format_of(model))
     tasks = _tasks_for(model, dataset, Path(model_dir), recipe)
     objectives = {t.name: build_objective(t, model) for t in tasks}
     collate = Collator.from_model(model)
@@ -215,6 +225,8 @@ def _tasks_for(model, dataset: ManifestDataset, model_dir: Path, recipe) -> list
     fields = {key for i in range(len(dataset)) for key in dataset[i]}
     media = [m for m in MEDIA_MODALITIES if m in fields and m in model.encoders]
     tasks = []
+    if "caption" in model.heads and "messages" in fields:
+        tasks.append(TaskConfig("chat", "chat", []))
     if "caption" in model.heads and "caption" in fields:
         tasks += [TaskConfig(f"{m}_caption", "caption", [m]) for m in media]
     if "classify" in model.heads and "label" in fields and media:
@@ -233,6 +245,14 @@ def _samples(model, objectives, dataset, collate, count: int) -> list[str]:
     lines = []
     for name, objective in objectives.items():
         rows = objective.rows(batch)
+        if isinstance(objective, ChatObjective):
+            items = [dataset[int(i)] for i in batch.index[rows]]
+            _, records = reply_metrics(model, items) if items else ({}, [])
+            lines += [
+                f"{name} [{r['family']}]: {r['question']!r} -> {r['reply']!r} "
+                f"({'right' if r['correct'] else 'wrong; expected ' + repr(r['reference'])})"
+                for r in records
+            ]
         if isinstance(objective, CaptionObjective) and objective.inputs:
             (m,) = objective.inputs[:1]
             texts = caption_tensors(model, media_of(batch, objective.inputs, rows))

@@ -1,4 +1,5 @@
-"""AdamW parameter groups (no decay on norms, biases, embeddings and learned tokens) and warmup + cosine."""
+"""AdamW parameter groups (per component learning rates; no decay on norms, biases, embeddings and learned tokens)
+and warmup + cosine."""
 
 from __future__ import annotations
 
@@ -7,15 +8,38 @@ import math
 import torch
 from torch import nn
 
-from mmfm.train.config import OptimConfig
+from mmfm.train.config import LR_COMPONENTS, OptimConfig
+
+# The module groups of each learning-rate component (`OptimConfig.component_lr`) but "lora", which is found by name.
+COMPONENTS = {
+    "encoders": ("encoders", "towers"),
+    "projectors": ("projectors",),
+    "backbone": ("backbone", "token_embedding"),
+    "heads": ("heads",),
+}
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decay for the weights of linear and convolution layers, none for everything else.
+def component_of(name: str) -> str:
+    """The learning-rate component of a parameter name (wrapper prefixes such as "model." or "module." are skipped):
+    "lora" for LoRA adapter weights, else the group its module belongs to (`COMPONENTS`)."""
+    if "lora_" in name:
+        return "lora"
+    for part in name.split("."):
+        for component, groups in COMPONENTS.items():
+            if part in groups:
+                return component
+    raise ValueError(f"parameter {name!r} belongs to no learning-rate component ({', '.join(LR_COMPONENTS)})")
+
+
+def param_groups(model: nn.Module, weight_decay: float, component_lr: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups: per learning-rate component, decay for the weights of linear and convolution layers and none
+    for everything else.
 
     "Everything else" is norms, biases, token/position embeddings (including the LM head tied to the token
     embedding), class/register tokens, learned queries and the contrastive temperature. Frozen parameters
-    are left out.
+    are left out, and so are empty groups. Without `component_lr` there are two groups, "decay" and "no_decay";
+    with it, one pair per component ("projectors/decay", ..., as nanoVLM gives its projector and backbones their
+    own rates), each with its component's `lr` where `component_lr` names one (others keep the optimizer's).
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay_ids = {
@@ -23,19 +47,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         for m in model.modules()
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and id(m.weight) not in embeddings
     }
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():
+    groups: dict[str, dict] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if id(p) in decay_ids else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        kind = "decay" if id(p) in decay_ids else "no_decay"
+        key = kind if component_lr is None else f"{component_of(name)}/{kind}"
+        group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": weight_decay * (kind == "decay")})
+        if component_lr is not None and key.split("/")[0] in component_lr:
+            group["lr"] = component_lr[key.split("/")[0]]
+        group["params"].append(p)
+    if component_lr is None:  # the two groups always exist, as optimizer state of earlier runs expects
+        for kind in ("decay", "no_decay"):
+            groups.setdefault(kind, {"name": kind, "params": [], "weight_decay": weight_decay * (kind == "decay")})
+        return [groups["decay"], groups["no_decay"]]
+    return list(groups.values())
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas), eps=config.eps
-    )
+    groups = param_groups(model, config.weight_decay, config.component_lr or None)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int):

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mmfm.chat_format import chat_format_of
 from mmfm.checkpoint import load_weights, read_weights
 from mmfm.data import Collator, EpochSampler, ManifestDataset, cache_media
 from mmfm.errors import CheckpointError, ConfigError, MMFMError
@@ -172,8 +173,9 @@ class Trainer:
 
     def _datasets(self):
         data, model = self.config.data, self.model
-        train = ManifestDataset(data.train, on_error=data.on_error)
-        val = ManifestDataset(data.val, on_error=data.on_error) if data.val else None
+        chat_format = chat_format_of(model)
+        train = ManifestDataset(data.train, on_error=data.on_error, chat_format=chat_format)
+        val = ManifestDataset(data.val, on_error=data.on_error, chat_format=chat_format) if data.val else None
         if data.cache_media:
             train = cache_media(train, model.processors)
             val = cache_media(val, model.processors) if val is not None else None
