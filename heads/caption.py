@@ -73,20 +73,51 @@ class CaptionHead(nn.Module):
 
 
 class CaptionObjective(Objective):
-    """Next-token loss of the caption given the `inputs` media; no inputs is a text-only LM over `text`."""
+    """Next-token loss of the caption given the `inputs` media; no inputs is a text-only LM over `text`.
+
+    A task whose inputs are exactly `[audio]` describes sounds: each row trains on its `audio_caption` where it has
+    one, else on its `caption` (so manifests without audio captions keep working). Other media tasks train on
+    `caption`.
+    """
 
     @classmethod
     def check_inputs(cls, inputs: Sequence[str], fail: Callable[[str], None]) -> None:
         if "text" in inputs:
             fail("a caption task's inputs are media (image, audio) or none for a text-only LM")
 
+    @property
+    def audio_only(self) -> bool:
+        """Whether the task captions sounds alone (inputs exactly `[audio]`), and so prefers `audio_caption`."""
+        return self.inputs == ["audio"]
+
     def needs(self) -> list[str]:
-        return [*self.inputs, "caption" if self.inputs else "text"]
+        if not self.inputs:
+            return ["text"]
+        return list(self.inputs) if self.audio_only else [*self.inputs, "caption"]
+
+    def rows(self, batch: Batch) -> Tensor:
+        """(B,) bool: rows with every input and a text to train on (an audio task takes either kind of caption)."""
+        ok = super().rows(batch)
+        return ok & (batch.has_audio_caption | batch.has_caption) if self.audio_only else ok
 
     def target(self, batch: Batch, rows: Tensor) -> tuple[Tensor, Tensor]:
-        if self.inputs:
+        """(n, T) ids and mask of the text each of the `rows` trains on (see the class docstring)."""
+        if not self.inputs:
+            return batch.text_ids[rows], batch.text_mask[rows]
+        if not self.audio_only or batch.audio_caption_ids is None:
             return batch.caption_ids[rows], batch.caption_mask[rows]
-        return batch.text_ids[rows], batch.text_mask[rows]
+        own = batch.has_audio_caption[rows]
+        heard = batch.audio_caption_ids[rows], batch.audio_caption_mask[rows]
+        if own.all():
+            return heard
+        return _per_row(own, heard, (batch.caption_ids[rows], batch.caption_mask[rows]))
+
+    def references(self, batch: Batch, rows: Tensor) -> list[list[str]]:
+        """The reference texts of the `rows`, from the field `target` trains each of them on (for exact match)."""
+        captions = batch.captions
+        if self.audio_only:
+            captions = [heard or seen for heard, seen in zip(batch.audio_captions, batch.captions)]
+        return [refs for refs, keep in zip(captions, rows.tolist()) if keep]
 
     def units(self, batch: Batch) -> Tensor:
         _, mask = self.target(batch, self.rows(batch))
@@ -96,6 +127,18 @@ class CaptionObjective(Objective):
         rows = self.rows(batch)
         ids, mask = self.target(batch, rows)
         return model.caption_loss(media_of(batch, self.inputs, rows), ids, mask, reduction="sum")
+
+
+def _per_row(first: Tensor, a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Per row, the (ids, mask) of `a` where `first` is True, else of `b`.
+
+    The narrower pair is right-padded to the wider one's length with masked positions; their id (0) is never a
+    target, and no real token attends to it.
+    """
+    width = max(a[0].shape[1], b[0].shape[1])
+    (a_ids, a_mask), (b_ids, b_mask) = ((F.pad(x, (0, width - x.shape[1])) for x in pair) for pair in (a, b))
+    pick = first[:, None]  # (n, 1)
+    return torch.where(pick, a_ids, b_ids), torch.where(pick, a_mask, b_mask)
 
 
 class ChatObjective(Objective):

@@ -182,8 +182,9 @@ examples:
 Writes scikit-learn's 1,797 handwritten 8x8 digits as OUT/images/NNNNN.png, a telephone (DTMF)
 tone of each digit as OUT/audio/NNNNN.wav (16 kHz, random length, loudness and noise), and the
 manifests OUT/train.jsonl and OUT/val.jsonl (a fixed, seeded 20% of the images held out). Each
-line has the image, the audio, reference captions ("a handwritten seven", "the digit 7", ...) and
-the label ("7"). Running it again rewrites the files.
+line has the image, the audio, captions of the image ("a handwritten seven", "the digit 7", ...),
+captions of the tone, which audio captioning trains on ("the keypad tone for 7", "a telephone key
+tone, seven", ...), and the label ("7"). Running it again rewrites the files.
 """
 
 

@@ -141,3 +141,23 @@ def test_unreadable_media_name_the_item(model, dataset, tmp_path: Path):
     broken.write_bytes(b"not a png")
     with pytest.raises(InputError, match="image 5 .*broken.png"):
         Collator.from_model(model)([dict(dataset[5], image=str(broken))])
+
+
+def test_audio_captions_get_ids_masks_and_references_where_items_have_them(model, dataset):
+    items = [
+        dict(dataset[0], audio_caption="a short hum", audio_captions=["a short hum", "a buzz"]),
+        dataset[1],
+        dict(dataset[4], audio_caption="a very much longer whistle"),
+    ]
+    batch = Collator.from_model(model)(items)
+    assert batch.has_audio_caption.tolist() == [True, False, True]
+    ids, mask = model.tokenizer(["a short hum", "a very much longer whistle"], model.config.text.max_length)
+    assert torch.equal(batch.audio_caption_ids[[0, 2]], ids) and torch.equal(batch.audio_caption_mask[[0, 2]], mask)
+    assert not batch.audio_caption_mask[1].any() and (batch.audio_caption_ids[1] == model.tokenizer.pad_id).all()
+    assert batch.audio_captions == [["a short hum", "a buzz"], [], ["a very much longer whistle"]]
+    # the image captions are untouched
+    assert batch.has_caption.tolist() == [True, False, True]
+    assert batch.captions == [["zero", "a longer zero caption", "nil"], [], ["c4", "d4"]]
+    plain = Collator.from_model(model)([dataset[0], dataset[1]])  # a manifest without audio captions
+    assert plain.audio_caption_ids is None and plain.audio_caption_mask is None
+    assert plain.has_audio_caption.tolist() == [False, False] and plain.audio_captions == [[], []]

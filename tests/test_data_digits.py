@@ -16,7 +16,7 @@ from PIL import Image
 import mmfm
 from mmfm.cli import main
 from mmfm.data import Collator, ManifestDataset, dtmf_tone, write_digits
-from mmfm.data.digits import DTMF_FREQUENCIES
+from mmfm.data.digits import DTMF_FREQUENCIES, NUMBER_WORDS, digit_tone_captions
 
 Q23 = {1: (697, 1209), 2: (697, 1336), 3: (697, 1477), 4: (770, 1209), 5: (770, 1336)}
 Q23 |= {6: (770, 1477), 7: (852, 1209), 8: (852, 1336), 9: (852, 1477), 0: (941, 1336)}
@@ -71,7 +71,7 @@ def test_cli_writes_1797_examples_with_a_fixed_disjoint_20_percent_validation_sp
     assert f"train  {len(train)} examples  {out / 'train.jsonl'}" in printed
     assert f"val     {len(val)} examples  {out / 'val.jsonl'}" in printed
     example = train[0]
-    assert set(example) == {"image", "audio", "caption", "label"}
+    assert set(example) == {"image", "audio", "caption", "audio_caption", "label"}
     assert len(example["caption"]) >= 4 and all(len(c.encode()) < 32 for c in example["caption"])
     word = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][int(example["label"])]
     assert any(word in c for c in example["caption"]) and any(example["label"] in c for c in example["caption"])
@@ -79,6 +79,20 @@ def test_cli_writes_1797_examples_with_a_fixed_disjoint_20_percent_validation_sp
     assert image.mode == "L" and image.size == (8, 8) and np.asarray(image).max() > 200
     info = soundfile.info(out / example["audio"])
     assert info.samplerate == 16000 and info.subtype == "PCM_16" and info.duration <= 1.2
+
+
+def test_every_tone_is_captioned_as_a_sound_of_its_digit_never_as_a_picture(written):
+    out, _ = written
+    lines = read_manifest(out / "train.jsonl") + read_manifest(out / "val.jsonl")
+    for line in lines:
+        digit = line["label"]
+        assert line["audio_caption"] == digit_tone_captions(digit) and len(line["audio_caption"]) >= 3
+        assert set(line["audio_caption"]).isdisjoint(line["caption"])
+        for caption in line["audio_caption"]:
+            assert digit in caption or NUMBER_WORDS[int(digit)] in caption, caption
+            assert not any(word in caption for word in ("drawing", "handwritten", "picture", "written")), caption
+            assert len(caption.encode()) + 2 <= 32  # BOS and EOS included, the byte tokenizer's max_length
+    assert {line["audio_caption"][0] for line in lines} == {f"the keypad tone for {d}" for d in range(10)}
 
 
 @pytest.mark.parametrize("command", [["data"], ["data", "digits"]])

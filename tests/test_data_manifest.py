@@ -68,6 +68,19 @@ def test_a_draw_picks_one_reference_caption_and_a_plain_index_the_first(root):
         ds[3]
 
 
+def test_audio_captions_are_read_and_drawn_like_captions(root):
+    lines = [
+        {"audio": "clips/a.wav", "caption": ["a cat", "the cat"], "audio_caption": ["a meow", "a purr", "a hiss"]},
+        {"audio": "clips/a.wav", "audio_caption": "only a meow", "label": "cat"},
+        GOOD[2],
+    ]
+    ds = ManifestDataset(write_manifest(root / "m.jsonl", lines))
+    assert ds[0]["audio_caption"] == "a meow" and ds[0]["audio_captions"] == ["a meow", "a purr", "a hiss"]
+    assert ds[(0, 2)]["audio_caption"] == "a hiss" and ds[(0, 2)]["caption"] == "a cat"  # one draw picks both
+    assert ds[1]["audio_caption"] == "only a meow" and ds[1]["audio_captions"] == ["only a meow"]
+    assert "caption" not in ds[1] and "audio_caption" not in ds[2] and "audio_captions" not in ds[2]
+
+
 BAD = [
     ("{not json", "invalid JSON"),
     ('["a", "list"]', "expected a JSON object, got an array"),
@@ -85,6 +98,11 @@ BAD = [
     ({"image": "imgs/a.png", "caption": "\ud800"}, "caption holds a lone surrogate U+D800 at character 0"),
     ({"image": "imgs/a.png", "caption": ["ok", "a\udfffb"]}, "caption[1] holds a lone surrogate U+DFFF at character 1"),
     ({"text": "x\udc00"}, "text holds a lone surrogate U+DC00"),
+    ({"audio": "clips/a.wav", "audio_caption": []}, "audio_caption is an empty list"),
+    ({"audio_caption": {}}, "audio_caption must be a string or a list of strings, got an object"),
+    ({"audio": "clips/a.wav", "audio_caption": ["ok", None]}, "audio_caption[1] must be a string, got null"),
+    ({"audio": "clips/a.wav", "audio_caption": ""}, "audio_caption is an empty string"),
+    ({"audio": "clips/a.wav", "audio_caption": "\udc00"}, "audio_caption holds a lone surrogate U+DC00"),
     ({"image": "imgs/a.png", "label": "\ud83d"}, "label holds a lone surrogate U+D83D"),
     ({"image": "imgs/a.png", "id": "\ud800"}, "id holds a lone surrogate"),
     ({"image": "imgs/\ud800.png"}, "image holds a lone surrogate"),

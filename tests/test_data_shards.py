@@ -30,7 +30,7 @@ def model() -> mmfm.MultimodalModel:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> ManifestDataset:
-    """Ten examples: PNG, JPEG and FLAC media, a text-only line, single and multiple captions."""
+    """Ten examples: PNG, JPEG and FLAC media, a text-only line, single and multiple captions, some audio captions."""
     root = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(0)
     lines = []
@@ -40,6 +40,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> ManifestDataset:
         Image.fromarray(rng.integers(0, 256, (12, 10 + i, 3), dtype=np.uint8)).save(root / image)
         soundfile.write(root / audio, 0.1 * rng.standard_normal(3000 + 500 * i), 16000)
         lines.append({"image": image, "audio": audio, "caption": [f"a{i}", f"b{i}", f"c{i}"], "label": str(i % 4)})
+        if i % 3:
+            lines[-1]["audio_caption"] = [f"sound {i}", f"noise {i}"][: i % 3]
     lines.append({"text": "only text", "id": "t"})
     (root / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return ManifestDataset(root / "m.jsonl")
@@ -57,8 +59,9 @@ def test_shards_round_trip_fields_and_processed_media(model, dataset, shards):
     collate = Collator.from_model(model)
     for item in items:
         expected = dataset[item["index"]]
-        assert item.get("captions") == expected.get("captions")
-        assert item.get("caption") in (expected.get("captions") or [None])
+        for key in ("caption", "audio_caption"):
+            assert item.get(f"{key}s") == expected.get(f"{key}s")
+            assert item.get(key) in (expected.get(f"{key}s") or [None])
         for key in ("label", "text", "id"):
             assert item.get(key) == expected.get(key)
         assert isinstance(item.get("image", Image.new("L", (1, 1))), Image.Image)

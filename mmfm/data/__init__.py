@@ -1,8 +1,8 @@
 """Datasets, sampling and batching: from files on disk (or tar shards) to the tensors a model trains on.
 
-A dataset yields item dicts (`index`, and any of `image`, `audio`, `text`, `caption`, `captions`, `label`);
-`EpochSampler` orders them reproducibly per epoch and rank; `Collator` processes and pads a list of items into a
-`Batch` with a presence mask per modality.
+A dataset yields item dicts (`index`, and any of `image`, `audio`, `text`, `caption`, `captions`, `audio_caption`,
+`audio_captions`, `label`); `EpochSampler` orders them reproducibly per epoch and rank; `Collator` processes and
+pads a list of items into a `Batch` with a presence mask per modality.
 
 ```python
 import torch

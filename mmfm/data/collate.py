@@ -1,8 +1,9 @@
 """Turns a list of dataset items into one `Batch` of padded tensors, with a mask per modality.
 
 Items may lack any modality: a missing image or clip is a row of zeros with False in `has_image`/`has_audio`, a
-missing caption or text a row of padding with False in `has_caption`/`has_text`, a missing label -1. The
-`Collator` runs in DataLoader workers, so it only holds picklable state (processors and a tokenizer).
+missing caption, audio caption or text a row of padding with False in `has_caption`/`has_audio_caption`/`has_text`,
+a missing label -1. The `Collator` runs in DataLoader workers, so it only holds picklable state (processors and a
+tokenizer).
 
 Conversation items (`messages`, see `mmfm.data.manifest`) are encoded with the model's chat format (unless the
 dataset did that already) and packed, right-padded, into `Batch.chat` with their media.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from mmfm.data.manifest import CAPTION_KEYS
 from mmfm.errors import InputError
 
 if TYPE_CHECKING:
@@ -40,11 +42,16 @@ class Batch:
         caption_ids: (B, T) long ids, `[BOS, tokens..., EOS]` right-padded; None when no item has a caption.
         caption_mask: (B, T) bool, True on real tokens; all False on rows without a caption.
         has_caption: (B,) bool.
+        audio_caption_ids: (B, T') long ids of the captions of the sounds (`audio_caption`), laid out as
+            `caption_ids` (T' may differ from T); None when no item has one.
+        audio_caption_mask: (B, T') bool.
+        has_audio_caption: (B,) bool.
         text_ids: (B, T) long ids of the text-only examples, laid out as `caption_ids`; or None.
         text_mask: (B, T) bool.
         has_text: (B,) bool.
         label: (B,) long index into the collator's classes, -1 where an item has no label (or there are no classes).
         captions: every item's reference captions, an empty list where it has none (for evaluation metrics).
+        audio_captions: every item's reference audio captions, likewise.
         has_chat: (B,) bool, True where the item is a conversation.
         chat: the conversations of the `has_chat` rows (in batch order) with their media; None when there are none.
     """
@@ -57,11 +64,15 @@ class Batch:
     caption_ids: Tensor | None
     caption_mask: Tensor | None
     has_caption: Tensor
+    audio_caption_ids: Tensor | None
+    audio_caption_mask: Tensor | None
+    has_audio_caption: Tensor
     text_ids: Tensor | None
     text_mask: Tensor | None
     has_text: Tensor
     label: Tensor
     captions: list[list[str]]
+    audio_captions: list[list[str]]
     has_chat: Tensor
     chat: ChatInputs | None = None
 
@@ -155,6 +166,7 @@ class Collator:
                 out[i] = tensor
             media[modality] = out
         caption_ids, caption_mask, has_caption = self._tokenize(items, "caption")
+        audio_caption_ids, audio_caption_mask, has_audio_caption = self._tokenize(items, "audio_caption")
         text_ids, text_mask, has_text = self._tokenize(items, "text")
         return Batch(
             index=torch.tensor([int(item["index"]) for item in items], dtype=torch.long),
@@ -165,11 +177,15 @@ class Collator:
             caption_ids=caption_ids,
             caption_mask=caption_mask,
             has_caption=has_caption,
+            audio_caption_ids=audio_caption_ids,
+            audio_caption_mask=audio_caption_mask,
+            has_audio_caption=has_audio_caption,
             text_ids=text_ids,
             text_mask=text_mask,
             has_text=has_text,
             label=self._labels(items),
-            captions=[list(item.get("captions", [item["caption"]] if "caption" in item else [])) for item in items],
+            captions=[_references(item, "caption") for item in items],
+            audio_captions=[_references(item, "audio_caption") for item in items],
             has_chat=_mask(B, [i for i, item in enumerate(items) if "messages" in item]),
             chat=self._conversations([item for item in items if "messages" in item]),
         )
@@ -258,6 +274,11 @@ def _processed_shape(modality: str, processor: Any) -> tuple[int, ...]:
         _, height, width = processor.data_config["input_size"]
         return (processor.in_chans, height, width)
     return (processor.config.target_frames, processor.config.num_mel_bins)
+
+
+def _references(item: dict[str, Any], key: str) -> list[str]:
+    """An item's references for `key` ("caption", "audio_caption"): its list of all, else the one it has, else none."""
+    return list(item.get(CAPTION_KEYS[key], [item[key]] if key in item else []))
 
 
 def _mask(size: int, rows: list[int]) -> Tensor:

@@ -6,14 +6,17 @@ Each image is paired with:
 - captions from a few templates ("a handwritten seven", "the digit 7", ...), all of them as references;
 - its label, the digit as a str ("0".."9");
 - a synthetic DTMF tone (the sound a telephone key makes, ITU-T Q.23) for the same digit, with random duration,
-  loudness, onset and background noise, so that audio models have something real to tell apart.
+  loudness, onset and background noise, so that audio models have something real to tell apart;
+- audio captions that describe the tone as a sound ("the keypad tone for 7", ...), all of them as references:
+  an audio caption task trains on these, since a tone is not "a handwritten seven".
 
 `write_digits` lays it out as files and two JSONL manifests (see `mmfm.data.manifest`) with a fixed held-out split:
 
 ```
 out/images/00000.png   8-bit greyscale, 8x8
 out/audio/00000.wav    16 kHz mono, 16-bit PCM, at most 1.2 s
-out/train.jsonl        {"image": "images/00000.png", "audio": "audio/00000.wav", "caption": [...], "label": "0"}
+out/train.jsonl        {"image": "images/00000.png", "audio": "audio/00000.wav", "caption": [...],
+                       "audio_caption": [...], "label": "0"}, one line per example
 out/val.jsonl          the same for the held-out 20% of images
 ```
 """
@@ -44,13 +47,21 @@ DTMF_FREQUENCIES = {
     "0": (941, 1336),
 }
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# Every caption stays under 32 bytes, so it fits the byte tokenizer of the small presets with BOS and EOS.
+# Every caption, of the image or of the tone, has at most 30 bytes: with BOS and EOS it fits the 32 ids of the
+# byte tokenizer of the small presets.
 CAPTION_TEMPLATES = (
     "a handwritten {word}",
     "the digit {digit}",
     "a picture of the number {word}",
     "a drawing of {a_word}",
     "the number {digit}, written by hand",
+)
+# The tone is a sound: its captions say what is heard, never what a picture shows.
+TONE_CAPTION_TEMPLATES = (
+    "the keypad tone for {digit}",
+    "a telephone key tone, {word}",
+    "the sound of key {digit} on a phone",
+    "the touch tone of digit {word}",
 )
 SAMPLE_RATE = 16000
 VAL_FRACTION = 0.2
@@ -68,6 +79,12 @@ def digit_captions(digit: int | str) -> list[str]:
     word = NUMBER_WORDS[int(digit)]
     a_word = f"{'an' if word == 'eight' else 'a'} {word}"  # "a one": the article follows the sound
     return [template.format(word=word, a_word=a_word, digit=digit) for template in CAPTION_TEMPLATES]
+
+
+def digit_tone_captions(digit: int | str) -> list[str]:
+    """Every template's caption of a digit's telephone tone, e.g. ["the keypad tone for 7", ...]."""
+    digit = _check_digit(digit)
+    return [template.format(word=NUMBER_WORDS[int(digit)], digit=digit) for template in TONE_CAPTION_TEMPLATES]
 
 
 def dtmf_tone(digit: int | str, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -146,6 +163,7 @@ def write_digits(out_dir: str | Path, seed: int = 0, limit: int | None = None) -
             "image": f"images/{name}.png",
             "audio": f"audio/{name}.wav",
             "caption": digit_captions(label),
+            "audio_caption": digit_tone_captions(label),
             "label": label,
         }
         lines.append(json.dumps(record))

@@ -4,12 +4,16 @@ A manifest has one example per line, a JSON object with any of these keys:
 
 ```
 {"image": "imgs/7.png", "audio": "clips/7.wav", "caption": ["a seven", "the digit 7"], "label": "7"}
+{"audio": "clips/8.wav", "audio_caption": ["the keypad tone for 8", "a phone key tone, eight"], "label": "8"}
 {"text": "a line of text for a text-only language-model objective"}
 ```
 
 - `image`, `audio`: a path, relative to the manifest's directory (absolute paths are kept as they are).
 - `text`: a str, trained as plain language modelling.
 - `caption`: a str, or a non-empty list of reference captions (one is picked per sample, see `__getitem__`).
+- `audio_caption`: the same, for references that describe the example's sound: a caption task whose inputs are
+  `[audio]` trains on these where an example has them, and on its `caption` otherwise (a `caption` may describe what
+  the image shows, which the sound does not).
 - `label`: a class name; an int is accepted and becomes its str (`7` -> `"7"`).
 - `id`: an optional str or int, passed through.
 
@@ -53,7 +57,9 @@ from mmfm.errors import InputError
 
 IMAGE_EXTENSIONS = MEDIA["image"].extensions
 AUDIO_EXTENSIONS = MEDIA["audio"].extensions
-MANIFEST_KEYS = ("image", "audio", "text", "caption", "label", "id")
+MANIFEST_KEYS = ("image", "audio", "text", "caption", "audio_caption", "label", "id")
+# Manifest keys of reference captions -> the item key of all the references (the picked one keeps the manifest key).
+CAPTION_KEYS = {"caption": "captions", "audio_caption": "audio_captions"}
 CONVERSATION_KEYS = ("messages", "images", "audio", "family", "answer", "id")
 # Media keys of a conversation line, by modality.
 CONVERSATION_MEDIA = {"image": "images", "audio": "audio"}
@@ -118,13 +124,15 @@ class ManifestDataset(Dataset):
 
         Args:
             key: an index, or an `(index, draw)` pair as `EpochSampler` yields: an example with several reference
-                captions trains on `captions[draw % len(captions)]` (the first one for a plain index).
+                captions trains on `captions[draw % len(captions)]` (the first one for a plain index); the same
+                draw picks among its audio captions.
 
         Returns:
             `index`, plus whichever of these the example has: `image` and `audio` (absolute path str), `text`,
-            `caption` (the chosen str), `captions` (all references), `label` (str), `id`; a conversation's item
-            has `messages`, `media` ({"image": [paths], "audio": [paths]}), `family`, `answer`, `id` and, when
-            the dataset was given a chat format, `conversation` (its `EncodedConversation`).
+            `caption` (the chosen str), `captions` (all references), `audio_caption` and `audio_captions` (the
+            same for the sound's references), `label` (str), `id`; a conversation's item has `messages`, `media`
+            ({"image": [paths], "audio": [paths]}), `family`, `answer`, `id` and, when the dataset was given a
+            chat format, `conversation` (its `EncodedConversation`).
         """
         index, draw = _split_key(key, len(self))
         return make_item(index, self._records[index], draw)
@@ -310,7 +318,7 @@ def parse_json_object(text: str | bytes) -> dict[str, Any]:
 
 
 def parse_fields(data: dict[str, Any]) -> dict[str, Any]:
-    """The validated `text`, `caption` (always a list), `label` (always a str) and `id` of a JSON object.
+    """The validated `text`, `caption` and `audio_caption` (always lists), `label` (always a str) and `id` of an object.
 
     Other keys are ignored: media are checked by the caller, which knows where they live.
 
@@ -320,14 +328,9 @@ def parse_fields(data: dict[str, Any]) -> dict[str, Any]:
     record: dict[str, Any] = {}
     if "text" in data:
         record["text"] = _nonempty_str(data["text"], "text")
-    if "caption" in data:
-        caption = data["caption"]
-        if isinstance(caption, list):
-            if not caption:
-                raise InputError("caption is an empty list; give at least one reference caption")
-            record["caption"] = [_nonempty_str(c, f"caption[{i}]") for i, c in enumerate(caption)]
-        else:
-            record["caption"] = [_nonempty_str(caption, "caption", "a string or a list of strings")]
+    for key in CAPTION_KEYS:
+        if key in data:
+            record[key] = _captions(data[key], key)
     if "label" in data:
         label = data["label"]
         if isinstance(label, int) and not isinstance(label, bool):
@@ -343,17 +346,18 @@ def parse_fields(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_item(index: int, record: dict[str, Any], draw: int | None) -> dict[str, Any]:
-    """The item dict of a validated record: picks the caption `draw` selects (the first one when None)."""
+    """The item dict of a validated record: picks the caption and audio caption `draw` selects (the first when None)."""
     item: dict[str, Any] = {"index": index}
     if "messages" in record:
         item["media"] = {m: list(paths) for m, paths in record["media"].items()}
     for key in ("image", "audio", "text", "label", "id", "messages", "family", "answer", "conversation"):
         if key in record:
             item[key] = record[key]
-    if "caption" in record:
-        captions = record["caption"]
-        item["caption"] = captions[0 if draw is None else draw % len(captions)]
-        item["captions"] = list(captions)
+    for key, all_key in CAPTION_KEYS.items():
+        if key in record:
+            captions = record[key]
+            item[key] = captions[0 if draw is None else draw % len(captions)]
+            item[all_key] = list(captions)
     return item
 
 
@@ -369,6 +373,15 @@ def _split_key(key: Key, size: int) -> tuple[int, int | None]:
     if not -size <= index < size:
         raise IndexError(f"index {index} is out of range for a dataset of {size} examples")
     return index % size, None if draw is None else int(draw)
+
+
+def _captions(value: Any, key: str) -> list[str]:
+    """The reference captions of a `caption` or `audio_caption` value: a str, or a non-empty list of str."""
+    if isinstance(value, list):
+        if not value:
+            raise InputError(f"{key} is an empty list; give at least one reference caption")
+        return [_nonempty_str(c, f"{key}[{i}]") for i, c in enumerate(value)]
+    return [_nonempty_str(value, key, "a string or a list of strings")]
 
 
 def _nonempty_str(value: Any, name: str, expected: str = "a string") -> str:

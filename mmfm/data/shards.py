@@ -1,11 +1,12 @@
 """Webdataset tar shards: write a manifest's examples into shards, and stream them back as dataset items.
 
-Each example is stored under an 8-digit key (its manifest index) as up to three tar members:
+Each example is stored under an 8-digit key (its manifest index) as up to three tar members, the JSON one holding
+the fields the example has:
 
 ```
 00000017.png     the image file's bytes, under its own extension (.png, .jpg, ...)
 00000017.wav     the audio file's bytes (.wav, .flac, ...)
-00000017.json    {"index": 17, "caption": [...], "text": ..., "label": ..., "id": ...}, the fields present
+00000017.json    {"index": 17, "caption": [...], "audio_caption": [...], "text": ..., "label": ..., "id": ...}
 ```
 
 `ShardDataset` is an `IterableDataset`: it streams shards in order, so it cannot jump to an example. Resuming a
@@ -29,7 +30,14 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmfm.data.manifest import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, make_item, parse_fields, parse_json_object
+from mmfm.data.manifest import (
+    AUDIO_EXTENSIONS,
+    CAPTION_KEYS,
+    IMAGE_EXTENSIONS,
+    make_item,
+    parse_fields,
+    parse_json_object,
+)
 from mmfm.data.sampler import mix_seed
 from mmfm.errors import InputError
 
@@ -76,7 +84,8 @@ class ShardDataset(IterableDataset):
 
     Media come decoded: `image` is a PIL image, `audio` a `(waveform, sample_rate)` pair with a float32 numpy
     waveform ((T,) mono, (T, C) otherwise), which the model's processors (and `Collator`) accept. Each example
-    with several reference captions trains on one picked by a draw seeded with (seed, epoch, index).
+    with several reference captions (or audio captions) trains on one picked by a draw seeded with (seed, epoch,
+    index).
 
     Every example is seen once per epoch across all DDP ranks and DataLoader workers together: with at least as
     many shards as ranks x workers, the shards are dealt out among them; with fewer, every worker reads all
@@ -202,8 +211,9 @@ def _to_sample(item: dict[str, Any]) -> dict[str, Any]:
     for key in ("text", "label", "id"):
         if key in item:
             meta[key] = item[key]
-    if "captions" in item:
-        meta["caption"] = item["captions"]
+    for key, all_key in CAPTION_KEYS.items():
+        if all_key in item:
+            meta[key] = item[all_key]
     sample["json"] = json.dumps(meta).encode("utf-8")
     return sample
 

@@ -80,7 +80,8 @@ class TaskConfig:
 
     Attributes:
         name: the task's name in logs and metrics.
-        objective: "caption" (next-token loss of the caption given `inputs`; no inputs is a text-only LM),
+        objective: "caption" (next-token loss of the caption given `inputs`, for `[audio]` the audio caption
+            where an example has one; no inputs is a text-only LM),
             "classify" (the trained head over `inputs`), "contrastive" (InfoNCE between the two `inputs`) or
             "image_gen" (the image_gen head learns to generate the example's image conditioned on `inputs`;
             formerly "denoise"). Each is served by a head: `mmfm.config.HEADS`.

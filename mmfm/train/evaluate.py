@@ -1,7 +1,8 @@
 """Held-out metrics per task: caption exact match and token accuracy, classification accuracy, retrieval R@1.
 
 - caption exact match: the greedy caption equals one of the example's reference captions (after stripping
-  surrounding spaces); token accuracy: teacher-forced argmax predictions that equal the next caption token.
+  surrounding spaces; a task over `[audio]` compares with the audio captions where an example has them, as it
+  trains on them); token accuracy: teacher-forced argmax predictions that equal the next caption token.
 - classification accuracy: the trained head's top class is the example's label.
 - retrieval R@1, both directions: the nearest neighbour (by embedding dot product) among the held-out
   examples is a match - the same example, or, when examples carry labels, any example with the same label
@@ -108,7 +109,7 @@ def _caption_metrics(model, objective, batch: Batch, rows, name, sums, counts, m
     if not objective.inputs:  # a text-only LM has nothing to caption
         return
     generated = caption_tensors(model, media, max_new_tokens=max_new_tokens)
-    references = [refs for refs, keep in zip(batch.captions, rows.tolist()) if keep]
+    references = objective.references(batch, rows)
     sums[f"{name}/exact_match"] += sum(g.strip() in [r.strip() for r in refs] for g, refs in zip(generated, references))
     counts[f"{name}/exact_match"] += len(generated)
 
@@ -227,8 +228,12 @@ def _tasks_for(model, dataset: ManifestDataset, model_dir: Path, recipe) -> list
     tasks = []
     if "caption" in model.heads and "messages" in fields:
         tasks.append(TaskConfig("chat", "chat", []))
-    if "caption" in model.heads and "caption" in fields:
-        tasks += [TaskConfig(f"{m}_caption", "caption", [m]) for m in media]
+    if "caption" in model.heads:
+        tasks += [
+            TaskConfig(f"{m}_caption", "caption", [m])
+            for m in media
+            if "caption" in fields or (m == "audio" and "audio_caption" in fields)  # see CaptionObjective
+        ]
     if "classify" in model.heads and "label" in fields and media:
         tasks.append(TaskConfig(f"{media[0]}_classify", "classify", [media[0]]))
     if "contrastive" in model.heads and "caption" in fields:
