@@ -8,8 +8,9 @@ The inference commands (caption, classify, embed, generate-image) share their op
 name, a shipped config name, a checkpoint folder, a pretrained tag or an `hf-hub:org/name` repository),
 `--device`, `--dtype`, `--batch-size` and `--json`; their inputs are files or folders (walked recursively,
 files taken by extension). A progress bar is drawn on stderr when stderr is a terminal and there is more than
-one batch; stdout only ever holds the results. `generate-text` takes the same options and PROMPT texts; its
-`--chat` conversation loop lives in `mmfm.cli_chat`.
+one batch; stdout only ever holds the results. `generate-text` takes the same options and PROMPT texts. `chat`
+takes --model, --device, --dtype and generate-text's decoding options, and talks with the model about images and
+sounds; its conversation loop, which `generate-text --chat` shares, lives in `mmfm.cli_chat`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ examples:
   mmfm generate-image --model out/ --text "a red square" --out square.png
   mmfm generate-text --model llm/ "The capital of France is"    a continuation, streamed
   mmfm generate-text --model llm/ --chat                        a conversation on the terminal
+  mmfm chat --model vlm/ --image cat.jpg                        a conversation about an image (or sound)
   mmfm data digits data/digits/                     write the demo dataset: digits, tones, manifests
   mmfm convert ast_dir/ out/ --from ast             weights of another library -> an mmfm checkpoint
   mmfm convert model.gguf llm/ --from gguf          a Llama-family LLM (GGUF file or HF folder) -> mmfm
@@ -83,6 +85,7 @@ examples:
 `mmfm COMMAND --help` explains each command and its options. The inference commands (caption, classify,
 embed, generate-image, generate-text) all take --model, --device, --dtype, --batch-size and --json; their
 inputs are files or folders (generate-image: --text, --audio or --image; generate-text: PROMPT texts).
+chat reads the conversation from stdin and takes --model, --device and --dtype.
 """
 
 _INFO_EPILOG = """\
@@ -250,6 +253,23 @@ Ctrl-D (or /exit) ends the session; Ctrl-C stops a reply, and twice at the promp
 "> " prompt goes to stderr, and only when stdin is a terminal: piped input works and stdout holds the replies.
 """
 
+_CHAT_EPILOG = """\
+examples:
+  mmfm chat --model vlm/ --image cat.jpg                    the first message goes with the image
+  mmfm chat --model vlm/ --image 3.png --audio eight.wav --system "Answer in one word."
+  mmfm chat --model vlm/ --no-stream --max-new-tokens 64 --device cuda --dtype bfloat16
+  printf '/image 3.png\\nWhich digit is this?\\n' | mmfm chat --model vlm/
+
+Each line read from stdin is a user turn, answered by the model (model.chat) in the context of the whole
+conversation and streamed to stdout. --image and --audio files go with the first message; at the prompt,
+`/image PATH` and `/audio PATH` attach a file to the next message (repeat for more). An attached file is an
+<image> or <audio> placeholder at the start of its message, in the order attached, and stays in the
+conversation; a file that cannot be read is reported and nothing is attached. /reset starts a new conversation
+(without its files; --system stays), /help lists the commands, Ctrl-D (or /exit) ends the session; Ctrl-C
+stops a reply, and twice at the prompt ends the session. The model needs a chat template, and an encoder for
+each modality it is shown. The "> " prompt and notes go to stderr, and only when stdin is a terminal.
+"""
+
 _EXPORT_EPILOG = """\
 examples:
   mmfm export llm/ hf/ --to hf_llama                   an mmfm checkpoint folder -> a Hugging Face folder
@@ -364,17 +384,27 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument(
         "--as-chat", action="store_true", help="send each PROMPT as a user message through the chat template"
     )
-    text.add_argument("--system", metavar="TEXT", help="a system message before the user's (--as-chat, --chat)")
-    text.add_argument(
-        "--stream",
-        action=argparse.BooleanOptionalAction,
-        help="print the text as it is decoded (default: one PROMPT or --chat, without --json)",
+    _add_text_generation_options(
+        text,
+        system="a system message before the user's (--as-chat, --chat)",
+        stream="print the text as it is decoded (default: one PROMPT or --chat, without --json)",
     )
-    _add_decoding_options(text, "text")
-    text.add_argument(
-        "--repetition-penalty", type=float, metavar="R", help="penalise tokens already seen (default: 1.0, none)"
+
+    summary = "Chat with a model about images and sounds, one user turn per line of stdin."
+    chat = command("chat", summary, _CHAT_EPILOG, _chat)
+    _add_model_options(chat)
+    for modality in MEDIA:
+        chat.add_argument(
+            f"--{modality}",
+            action="append",
+            metavar="FILE",
+            help=f"an {modality} file for the first message; repeatable",
+        )
+    _add_text_generation_options(
+        chat,
+        system="a system message before the user's (kept by /reset)",
+        stream="print each reply as it is decoded (default: unless --num-beams is above 1)",
     )
-    text.add_argument("--stop", action="append", metavar="TEXT", help="end the text where TEXT appears; repeatable")
 
     summary = "Train or fine-tune a model from a YAML recipe (also one rank of a torchrun job)."
     train = command("train", summary, _TRAIN_EPILOG, _train)
@@ -475,6 +505,17 @@ def _add_decoding_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--top-k", type=int, metavar="K", help="sample among the k likeliest tokens (default: 0, all)")
     parser.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass (default: 1.0, all)")
     parser.add_argument("--seed", type=int, metavar="N", help=f"seed for --do-sample, for a reproducible {what}")
+
+
+def _add_text_generation_options(parser: argparse.ArgumentParser, system: str, stream: str) -> None:
+    """--system, --stream / --no-stream and the decoding options of generate-text and chat, with their help texts."""
+    parser.add_argument("--system", metavar="TEXT", help=system)
+    parser.add_argument("--stream", action=argparse.BooleanOptionalAction, help=stream)
+    _add_decoding_options(parser, "text")
+    parser.add_argument(
+        "--repetition-penalty", type=float, metavar="R", help="penalise tokens already seen (default: 1.0, none)"
+    )
+    parser.add_argument("--stop", action="append", metavar="TEXT", help="end the text where TEXT appears; repeatable")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -744,22 +785,7 @@ def _generate_text(args: argparse.Namespace) -> int | None:
         raise InputError("generate-text needs a PROMPT (or several), or --chat for a conversation")
     if args.system is not None and not (args.chat or args.as_chat):
         raise InputError("--system is a chat message: add --as-chat (each PROMPT as a user turn) or --chat")
-    generation = {
-        "max_new_tokens": args.max_new_tokens,
-        "num_beams": args.num_beams,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "repetition_penalty": args.repetition_penalty,
-        "stop": args.stop,
-        "seed": args.seed,
-    }
-    generation = {"do_sample": args.do_sample, **{k: v for k, v in generation.items() if v is not None}}
-    from mmfm.text_generation import GenerationConfig, check_seed
-
-    check_seed("--seed", args.seed)
-    beams = GenerationConfig.from_options(generation).num_beams  # every option checked before the model loads
-    stream = _streaming(args, beams)
+    generation, stream = _text_generation(args, len(prompts), args.json)
     model = _open_model(args)
     chat = "--chat" if args.chat else "--as-chat" if args.as_chat else None
     if chat is not None and model.config.text.chat_template is None:
@@ -785,6 +811,46 @@ def _generate_text(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _chat(args: argparse.Namespace) -> int:
+    generation, stream = _text_generation(args)
+    model = _open_model(args)
+    if model.config.text.chat_template is None:
+        raise InputError(
+            f"chat: the model {_quoted(args.model)} has no chat template (text.chat_template) to render a "
+            "conversation with; use a model that has one (a Hugging Face or GGUF language model brings one)"
+        )
+    from mmfm.cli_chat import run_chat
+
+    media = {modality: getattr(args, modality) or [] for modality in MEDIA}
+    return run_chat(model, system=args.system, stream=stream, generation=generation, media=media)
+
+
+def _text_generation(args: argparse.Namespace, prompts: int = 1, as_json: bool = False) -> tuple[dict[str, Any], bool]:
+    """The `GenerationConfig` options of generate-text or chat, and whether text is streamed; checked before loading.
+
+    Args:
+        args: the parsed options.
+        prompts: how many PROMPT texts are generated (a chat generates one reply at a time).
+        as_json: --json was given.
+    """
+    generation = {
+        "max_new_tokens": args.max_new_tokens,
+        "num_beams": args.num_beams,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "stop": args.stop,
+        "seed": args.seed,
+    }
+    generation = {"do_sample": args.do_sample, **{k: v for k, v in generation.items() if v is not None}}
+    from mmfm.text_generation import GenerationConfig, check_seed
+
+    check_seed("--seed", args.seed)
+    beams = GenerationConfig.from_options(generation).num_beams  # every option checked before the model loads
+    return generation, _streaming(args.stream, beams, prompts, as_json)
+
+
 def _print_stream(pieces: Any) -> int | None:
     """Prints text pieces as they come, then a line break; Ctrl-C stops them (exit code 130)."""
     wrote = False
@@ -804,22 +870,22 @@ def _print_stream(pieces: Any) -> int | None:
     return None
 
 
-def _streaming(args: argparse.Namespace, beams: int) -> bool:
-    """Whether generate-text prints text as it is decoded: --stream / --no-stream, else when it can."""
-    several = len(args.prompts) > 1
-    if args.stream is None:
-        return not (several or args.json or beams > 1)
-    if args.stream:
-        if args.json:
+def _streaming(stream: bool | None, beams: int, prompts: int, as_json: bool) -> bool:
+    """Whether text is printed as it is decoded: --stream / --no-stream, else when it can."""
+    several = prompts > 1
+    if stream is None:
+        return not (several or as_json or beams > 1)
+    if stream:
+        if as_json:
             raise InputError("--stream prints text as it comes and --json whole records; choose one")
         if several:
             raise InputError(
-                f"--stream prints one PROMPT's text as it is decoded, got {len(args.prompts)} PROMPTs (without "
+                f"--stream prints one PROMPT's text as it is decoded, got {prompts} PROMPTs (without "
                 "--stream they are generated in batches)"
             )
         if beams > 1:
             raise InputError("--stream decodes token by token; beam search (--num-beams above 1) cannot stream")
-    return args.stream
+    return stream
 
 
 def _export(args: argparse.Namespace) -> None:

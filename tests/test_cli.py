@@ -219,7 +219,7 @@ def test_embed_needs_texts_or_files_but_not_both(capsys, files):
     assert code == 2 and err.startswith("mmfm: error: ")
 
 
-@pytest.mark.parametrize("command", [[], ["info"], ["caption"], ["classify"], ["embed"], ["generate-image"]])
+@pytest.mark.parametrize("command", [[], ["info"], ["caption"], ["classify"], ["embed"], ["generate-image"], ["chat"]])
 def test_every_help_exits_0_with_examples(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
