@@ -8,7 +8,9 @@ the model turns one item of that modality into (`model.num_media_tokens`), where
 
 For training, the supervised tokens are each assistant turn as the template writes the reply: everything the
 template renders after the assistant's turn is opened (`add_generation_prompt`) up to the next turn, which for
-ChatML is the reply and its `<|im_end|>` line end. Media tokens are never supervised.
+ChatML is the reply and its `<|im_end|>` line end. Media tokens are never supervised. A reply that holds none of
+the tokenizer's EOS tokens (a template that writes no end-of-turn token, as with mmfm's own byte tokenizer) gets
+the EOS id appended, so that the model learns where replies stop.
 
 A conversation longer than the limit (`text.max_length` tokens in all, media included) is cut at the end, and
 never inside an item's media tokens: an item that would be cut is dropped whole, with everything after it. A
@@ -201,6 +203,8 @@ class ChatFormat:
         self.media_tokens = dict(media_tokens)
         self.pad_id = pad_id
         self.limit = text.max_length
+        self.eos_ids = set(getattr(tokenizer, "eos_ids", [tokenizer.eos_id]))
+        self.eos_id = tokenizer.eos_id
 
     @classmethod
     def from_model(cls, model: Any) -> ChatFormat:
@@ -255,8 +259,11 @@ class ChatFormat:
         supervised: list[bool] = []
         media: list[tuple[str, int, int, int]] = []
         seen = dict.fromkeys(MEDIA_MODALITIES, 0)
+        reply_start = 0  # where the current reply's tokens begin
         for start, end in zip(cuts, cuts[1:]):
             inside = any(a <= start and end <= b for a, b in spans)
+            if inside and any(a == start for a, _ in spans):
+                reply_start = len(ids)
             last = start
             for match in _PLACEHOLDER.finditer(full, start, end):
                 self._add_text(full[last : match.start()], inside, ids, supervised)
@@ -268,6 +275,10 @@ class ChatFormat:
                 supervised += [False] * size
                 last = match.end()
             self._add_text(full[last:end], inside, ids, supervised)
+            reply = {t for t, target in zip(ids[reply_start:], supervised[reply_start:]) if target}  # no media
+            if inside and any(b == end for _, b in spans) and not self.eos_ids & reply:
+                ids.append(self.eos_id)  # a reply must teach the model to stop (see the module docstring)
+                supervised.append(True)
         encoded = EncodedConversation(ids, supervised, media)
         if generation_prompt:
             return encoded
@@ -311,8 +322,8 @@ class ChatFormat:
             return encoded
         kept = []
         for item in encoded.media:
-            if item[3] > end:
-                end = item[2]  # this item would be cut: it goes, and everything after it
+            if item[3] > end:  # this item would be cut (or lies beyond): it goes, and everything after it
+                end = min(end, item[2])
                 break
             kept.append(item)
         return EncodedConversation(encoded.ids[:end], encoded.supervised[:end], kept, truncated=True)
