@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         result = {"prose": "sklearn/datasets/descr/*.rst", "tokens": PROSE_TOKENS, "model": ours, "original": original}
         result["ratio"] = ours / original
         print(
-            f"held-out prose perplexity: {ours:.3f} (original SmolLM2 {original:.3f}; ratio {ours / original:.4f}, goal <= 1.05)"
+            f"held-out prose perplexity: {ours:.3f} (original SmolLM2 {original:.3f}; "
+            f"ratio {ours / original:.4f}, goal <= 1.05)"
         )
         if args.out is not None:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
