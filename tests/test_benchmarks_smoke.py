@@ -1,5 +1,7 @@
 """The benchmark suite runs end to end: `python -m benchmarks.run_all --quick` exits 0 and reports every ratio.
 
+`test_quick_chat_run_reports_its_ratios` runs bench_chat alone (`--only chat`), for a quick check of that one.
+
 Speed itself is never asserted (see DESIGN.md); this only keeps the benchmarks from rotting as the API moves.
 """
 
@@ -13,6 +15,7 @@ import pytest
 pytest.importorskip("transformers", reason="the benchmarks race Hugging Face GPT-2 (the 'bench' extra)")
 
 REPO = Path(__file__).resolve().parents[1]
+CHAT_RATIOS = ("chat_train_vs_hf", "chat_train_frozen_vs_hf", "chat_decode_image_vs_text")
 RATIOS = (
     "image_encoder",
     "decode_cache_b1",
@@ -36,6 +39,7 @@ RATIOS = (
     "llm_decode_b8",
     "llm_bandwidth_b1",
     "llm_prefill",
+    *CHAT_RATIOS,
 )
 # bench_build_caption compares against a commit of this repository's history: a clone without it skips them.
 BASELINE_RATIOS = (
@@ -54,14 +58,32 @@ def _has_baseline() -> bool:
     return subprocess.run(verify, capture_output=True).returncode == 0
 
 
-def test_quick_run_reports_every_ratio():
+def _quick_run(*args: str) -> str:
+    """The stdout of `python -m benchmarks.run_all --quick *args`, which must exit 0."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run_all", "--quick"], cwd=REPO, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "benchmarks.run_all", "--quick", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = proc.stdout.split("\nsummary (quick run")[-1]
-    for name in RATIOS + (BASELINE_RATIOS if _has_baseline() else ()):
+    return proc.stdout
+
+
+def _assert_ratio_lines(stdout: str, names: tuple[str, ...]) -> None:
+    summary = stdout.split("\nsummary (quick run")[-1]
+    for name in names:
         # e.g. "decode_vs_hf_b8   t_hf / t_mmfm   2.15x   1.87  2.43  >= 1x   PASS"
         line = rf"^{name}\s+.+?\s+\d+\.\d\dx\s+\d+\.\d\d\s+\d+\.\d\d\s+>= [\d.]+x\s+(PASS|MISS)$"
-        assert re.search(line, summary, re.MULTILINE), f"no ratio line for {name} in:\n{proc.stdout[-3000:]}"
-    assert "peak" in proc.stdout and "MiB" in proc.stdout  # the train step's peak RSS of both sides
+        assert re.search(line, summary, re.MULTILINE), f"no ratio line for {name} in:\n{stdout[-3000:]}"
+
+
+def test_quick_run_reports_every_ratio():
+    stdout = _quick_run()
+    _assert_ratio_lines(stdout, RATIOS + (BASELINE_RATIOS if _has_baseline() else ()))
+    assert "peak" in stdout and "MiB" in stdout  # the train step's peak RSS of both sides
+
+
+def test_quick_chat_run_reports_its_ratios():
+    _assert_ratio_lines(_quick_run("--only", "chat"), CHAT_RATIOS)
