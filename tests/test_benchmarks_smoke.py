@@ -84,6 +84,3 @@ def test_quick_run_reports_every_ratio():
     _assert_ratio_lines(stdout, RATIOS + (BASELINE_RATIOS if _has_baseline() else ()))
     assert "peak" in stdout and "MiB" in stdout  # the train step's peak RSS of both sides
 
-
-def test_quick_chat_run_reports_its_ratios():
-    _assert_ratio_lines(_quick_run("--only", "chat"), CHAT_RATIOS)
