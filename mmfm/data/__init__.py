@@ -28,6 +28,7 @@ from mmfm.data.digits import dtmf_tone, write_digits
 from mmfm.data.manifest import ImageFolderDataset, ManifestDataset
 from mmfm.data.sampler import EpochSampler, split_indices
 from mmfm.data.shards import ShardDataset, write_shards
+from mmfm.data.speech import speak
 
 __all__ = [
     "Batch",
@@ -39,6 +40,7 @@ __all__ = [
     "ShardDataset",
     "cache_media",
     "dtmf_tone",
+    "speak",
     "split_indices",
     "write_digits",
     "write_shards",
