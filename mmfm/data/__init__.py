@@ -25,6 +25,7 @@ for epoch in range(2):
 from mmfm.data.cache import CachedMediaDataset, cache_media
 from mmfm.data.collate import Batch, Collator
 from mmfm.data.digits import dtmf_tone, write_digits
+from mmfm.data.digits_chat import write_digits_chat
 from mmfm.data.manifest import ImageFolderDataset, ManifestDataset
 from mmfm.data.sampler import EpochSampler, split_indices
 from mmfm.data.shards import ShardDataset, write_shards
@@ -43,5 +44,6 @@ __all__ = [
     "speak",
     "split_indices",
     "write_digits",
+    "write_digits_chat",
     "write_shards",
 ]
