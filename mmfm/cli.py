@@ -16,6 +16,7 @@ sounds; its conversation loop, which `generate-text --chat` shares, lives in `mm
 from __future__ import annotations
 
 import argparse
+import collections
 import errno
 import json
 import math
@@ -78,6 +79,7 @@ examples:
   mmfm generate-text --model llm/ --chat                        a conversation on the terminal
   mmfm chat --model vlm/ --image cat.jpg                        a conversation about an image (or sound)
   mmfm data digits data/digits/                     write the demo dataset: digits, tones, manifests
+  mmfm data digits-chat data/chat/                  the chat demo's data: conversations about digits
   mmfm convert ast_dir/ out/ --from ast             weights of another library -> an mmfm checkpoint
   mmfm convert model.gguf llm/ --from gguf          a Llama-family LLM (GGUF file or HF folder) -> mmfm
   mmfm export llm/ hf/ --to hf_llama                an mmfm language model -> a Hugging Face folder
@@ -172,9 +174,11 @@ _DATA_EPILOG = """\
 examples:
   mmfm data digits data/digits/            write the digits demo dataset
   mmfm data digits data/digits/ --seed 1   other tones and another train/val split
+  mmfm data digits-chat data/chat/         conversations about digit images, spoken digits and tones
 
-Datasets are written as media files plus JSONL manifests (one example per line) that
-mmfm.data.ManifestDataset reads; `mmfm data DATASET --help` describes each one.
+Datasets are written as media files plus JSONL manifests: one example a line, which
+mmfm.data.ManifestDataset reads, or (digits-chat's train.jsonl and val.jsonl) one conversation a
+line. `mmfm data DATASET --help` describes each one.
 """
 
 _DIGITS_EPILOG = """\
@@ -188,6 +192,25 @@ manifests OUT/train.jsonl and OUT/val.jsonl (a fixed, seeded 20% of the images h
 line has the image, the audio, captions of the image ("a handwritten seven", "the digit 7", ...),
 captions of the tone, which audio captioning trains on ("the keypad tone for 7", "a telephone key
 tone, seven", ...), and the label ("7"). Running it again rewrites the files.
+"""
+
+_DIGITS_CHAT_EPILOG = """\
+examples:
+  mmfm data digits-chat data/chat/
+  mmfm data digits-chat data/chat/ --seed 1
+
+Writes the chat demo's data: the 1,797 handwritten digits as OUT/images/NNNNN.png, spoken digits
+("zero".."nine", 16 kHz) by 12 training and 3 held-out espeak-ng voices as OUT/speech/VOICE_DIGIT_K.wav,
+telephone (DTMF) tones as OUT/tones/NNNNN.wav, and two kinds of manifests:
+  OUT/train.jsonl, OUT/val.jsonl
+      one conversation a line: {"messages": [{"role": "user", "content": "<image>\\nWhich digit is this?"},
+      {"role": "assistant", "content": "It is a seven."}], "images": [...], "audio": [...],
+      "family": "image_digit", "id": "train-00000"}; <image> and <audio> are filled in order from "images"
+      and "audio"
+  OUT/towers_train.jsonl, OUT/towers_val.jsonl
+      one image or sound and its label a line, for pretraining the image and audio encoders
+Validation holds out 20% of the images, the voices, the tones and the question phrasings, and has
+the same number of conversations in every family. Running it again rewrites the files.
 """
 
 
@@ -475,6 +498,23 @@ def build_parser() -> argparse.ArgumentParser:
     digits.set_defaults(run=_data_digits, parser=digits)
     digits.add_argument("out", metavar="OUT", help="the directory to write into (created if missing)")
     digits.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the tones and the split (default: 0)")
+    summary = "Write the chat demo's data: conversations about digit images, spoken digits and tones."
+    chat = datasets.add_parser(
+        "digits-chat",
+        help=summary,
+        description=summary,
+        epilog=_DIGITS_CHAT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.set_defaults(run=_data_digits_chat, parser=chat)
+    chat.add_argument("out", metavar="OUT", help="the directory to write into (created if missing)")
+    chat.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of the split, clips, tones and conversations (default: 0)",
+    )
     return parser
 
 
@@ -921,6 +961,31 @@ def _data_digits(args: argparse.Namespace) -> None:
         manifest = out / f"{split}.jsonl"
         count = sum(1 for line in manifest.read_text().splitlines() if line.strip())
         print(f"{split:<5}  {count:>4} examples  {manifest}")
+
+
+def _data_digits_chat(args: argparse.Namespace) -> None:
+    from mmfm.data.digits_chat import FAMILIES, write_digits_chat
+
+    if not 0 <= args.seed < 2**64:
+        raise InputError(f"--seed must be a whole number in [0, 2**64 - 1], got {_quoted(str(args.seed))}")
+    try:
+        out = write_digits_chat(args.out, seed=args.seed)
+    except OSError as e:
+        raise InputError(f"{args.out}: cannot write the dataset ({e.strerror or e})") from None
+    print(f"wrote the digits chat dataset to {out}")
+    families = {}
+    for split in ("train", "val"):
+        records = [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
+        families[split] = collections.Counter(record["family"] for record in records)
+        print(f"{split:<5}  {len(records):>4} conversations  {out / f'{split}.jsonl'}")
+    for family in FAMILIES:
+        print(f"  {family:<18} {families['train'][family]:>4} train  {families['val'][family]:>3} val")
+    for split in ("train", "val"):
+        manifest = out / f"towers_{split}.jsonl"
+        records = [json.loads(line) for line in manifest.read_text().splitlines()]
+        kinds = collections.Counter("image" if "image" in r else r["audio"].partition("/")[0] for r in records)
+        counts = f"{kinds['image']} images, {kinds['speech']} speech clips, {kinds['tones']} tones"
+        print(f"towers {split:<5}  {len(records):>4} examples ({counts})  {manifest}")
 
 
 def _convert(args: argparse.Namespace) -> None:

@@ -434,8 +434,9 @@ def test_a_folder_without_media_or_a_file_of_unknown_type_is_an_error(capsys, fi
         ["info"],
         ["eval", "--model", "m", "--data", "d.jsonl"],
         ["data", "digits", "out/"],
+        ["data", "digits-chat", "out/"],
     ],
-    ids=lambda argv: argv[0] if argv[0] != "data" else "data digits",
+    ids=lambda argv: " ".join(argv[:2]) if argv[0] == "data" else argv[0],
 )
 def test_an_unknown_flag_shows_that_commands_usage(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:

@@ -25,9 +25,11 @@ for epoch in range(2):
 from mmfm.data.cache import CachedMediaDataset, cache_media
 from mmfm.data.collate import Batch, Collator
 from mmfm.data.digits import dtmf_tone, write_digits
+from mmfm.data.digits_chat import write_digits_chat
 from mmfm.data.manifest import ImageFolderDataset, ManifestDataset
 from mmfm.data.sampler import EpochSampler, split_indices
 from mmfm.data.shards import ShardDataset, write_shards
+from mmfm.data.speech import speak
 
 __all__ = [
     "Batch",
@@ -39,7 +41,9 @@ __all__ = [
     "ShardDataset",
     "cache_media",
     "dtmf_tone",
+    "speak",
     "split_indices",
     "write_digits",
+    "write_digits_chat",
     "write_shards",
 ]

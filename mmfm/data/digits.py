@@ -139,26 +139,16 @@ def write_digits(out_dir: str | Path, seed: int = 0, limit: int | None = None) -
     Raises:
         ValueError: `limit` is below 2 (the split needs an example on each side).
     """
-    # Imported here: scikit-learn takes a second to import, and only this function needs it.
-    from sklearn.datasets import load_digits
-
     if limit is not None and limit < 2:
         raise ValueError(f"limit must be at least 2 (one train and one val example), got {limit}")
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
-    digits = load_digits()
-    pixels = np.round(digits.images[:limit] * (255 / 16)).astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
-    labels = [str(int(t)) for t in digits.target[:limit]]
+    labels = write_digit_images(out, limit)
     rng = np.random.default_rng(seed)
     lines = []
-    for i, (image, label) in enumerate(zip(pixels, labels)):
+    for i, label in enumerate(labels):
         name = f"{i:05d}"
-        Image.fromarray(image).save(out / "images" / f"{name}.png")  # (8, 8) uint8 -> mode L
-        # Encoded in memory: libsndfile syncs every file it closes to disk, which makes 1,797 files take seconds.
-        wav = io.BytesIO()
-        soundfile.write(wav, dtmf_tone(label, rng), SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        (out / "audio" / f"{name}.wav").write_bytes(wav.getvalue())
+        write_wav(out / "audio" / f"{name}.wav", dtmf_tone(label, rng))
         record = {
             "image": f"images/{name}.png",
             "audio": f"audio/{name}.wav",
@@ -171,6 +161,36 @@ def write_digits(out_dir: str | Path, seed: int = 0, limit: int | None = None) -
     for split, indices in (("train", train), ("val", val)):
         (out / f"{split}.jsonl").write_text("".join(lines[i] + "\n" for i in indices))
     return out
+
+
+def write_digit_images(out_dir: str | Path, limit: int | None = None) -> list[str]:
+    """Writes scikit-learn's handwritten digits as `out_dir/images/NNNNN.png` (8-bit greyscale, 8x8), in order.
+
+    Args:
+        out_dir: the directory to write into; `images/` is created in it if missing.
+        limit: write only the first `limit` images.
+
+    Returns:
+        The label of each image written, "0".."9", in file order.
+    """
+    # Imported here: scikit-learn takes a second to import, and only this function needs it.
+    from sklearn.datasets import load_digits
+
+    folder = Path(out_dir) / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    digits = load_digits()
+    pixels = np.round(digits.images[:limit] * (255 / 16)).astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f"{i:05d}.png")  # (8, 8) uint8 -> mode L
+    return [str(int(t)) for t in digits.target[:limit]]
+
+
+def write_wav(path: Path, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+    """Writes float samples in [-1, 1] to `path` as a mono 16-bit PCM WAV file."""
+    # Encoded in memory: libsndfile syncs every file it closes to disk, which makes 1,797 files take seconds.
+    wav = io.BytesIO()
+    soundfile.write(wav, samples, sample_rate, subtype="PCM_16", format="WAV")
+    path.write_bytes(wav.getvalue())
 
 
 def _check_digit(digit: int | str) -> str:
