@@ -29,6 +29,7 @@ import torch
 
 import mmfm
 from mmfm.data import ManifestDataset
+from mmfm.model import MultimodalModel
 from mmfm.train.chat_eval import is_correct, question_and_reference
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,19 +46,28 @@ def smollm2_file() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2
 
 
-def compose(llm: Path, towers_dir: Path, out: Path) -> mmfm.MultimodalModel:
-    """SmolLM2 with the towers' trained encoders and fresh projectors, saved to `out`."""
-    towers = mmfm.load(towers_dir)
-    base = towers.config.with_overrides({"classify": None, "contrastive": None, "image_gen": None}, "towers")
-    model = mmfm.load(llm, base=base)  # warns that the encoders and projectors are fresh: the encoders follow
-    for modality, encoder in model.encoders.items():
-        encoder.load_state_dict(towers.encoders[modality].state_dict())
+def compose(llm: str | Path, towers_dir: str | Path, out: str | Path) -> MultimodalModel:
+    """A language model with the towers' trained encoders and fresh projectors, saved to `out`.
+
+    Args:
+        llm: the language model: a GGUF file, a Hugging Face folder or a saved text-only mmfm model.
+        towers_dir: a saved mmfm model whose image and audio encoders (configs and weights) are taken.
+        out: where the composed model is saved.
+    """
+    language_model, towers = mmfm.load(llm), mmfm.load(towers_dir)
+    senses = {m: towers.config.to_dict()[m] for m in ("image", "audio") if m in towers.encoders}
+    config = language_model.config.with_overrides(senses, f"{llm} + the encoders of {towers_dir}")
+    model = MultimodalModel(config, tokenizer=language_model.tokenizer)
+    state = language_model.state_dict() | {f"encoders.{k}": v for k, v in towers.encoders.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("projectors.") for k in missing):
+        raise SystemExit(f"{llm}: not a text-only language model: {unexpected or missing} do not fit")
     model.save_pretrained(out)
     return model
 
 
 @torch.no_grad()
-def samples(model: mmfm.MultimodalModel, data: Path) -> None:
+def samples(model: MultimodalModel, data: Path) -> None:
     """Prints one held-out conversation per family, and a two-turn conversation about the first image."""
     val = ManifestDataset(data / "val.jsonl")
     first: dict[str, dict] = {}
@@ -81,11 +91,12 @@ def samples(model: mmfm.MultimodalModel, data: Path) -> None:
 
 
 @torch.no_grad()
-def perplexity(model: mmfm.MultimodalModel, text: str) -> float:
-    """The LM's perplexity on the first `PROSE_TOKENS` tokens of `text`, in windows of `PROSE_WINDOW`."""
+def perplexity(model: MultimodalModel, text: str) -> float:
+    """The LM's perplexity on the first `PROSE_TOKENS` tokens of `text`, in windows of `PROSE_WINDOW` (or the
+    model's context, if shorter)."""
     ids = torch.tensor(model.tokenizer.encode(text)[:PROSE_TOKENS])
     total, count = 0.0, 0
-    for window in ids.split(PROSE_WINDOW):
+    for window in ids.split(min(PROSE_WINDOW, model.config.backbone.max_seq_len)):
         row = window[None]
         total += float(model.caption_loss({}, row, torch.ones_like(row, dtype=torch.bool), reduction="sum"))
         count += len(window) - 1

@@ -213,16 +213,7 @@ class ChatFormat:
 
     def render(self, messages: Sequence[Mapping[str, str]], generation_prompt: bool) -> str:
         """The conversation as the chat template writes it (the assistant's turn opened with `generation_prompt`)."""
-        from mmfm.chat_template import render_chat
-
-        text = self.text
-        return render_chat(
-            text.chat_template,
-            messages,
-            add_generation_prompt=generation_prompt,
-            bos_token=text.bos_token,
-            eos_token=text.eos_token,
-        )
+        return render_conversation(self.text, messages, generation_prompt)
 
     def encode(
         self,
@@ -327,6 +318,20 @@ class ChatFormat:
                 break
             kept.append(item)
         return EncodedConversation(encoded.ids[:end], encoded.supervised[:end], kept, truncated=True)
+
+
+def render_conversation(text: TextConfig, messages: Sequence[Mapping[str, Any]], generation_prompt: bool) -> str:
+    """A conversation as the model's chat template (`text.chat_template`, with its BOS and EOS strings) writes it,
+    the assistant's turn opened with `generation_prompt`."""
+    from mmfm.chat_template import render_chat
+
+    return render_chat(
+        text.chat_template,
+        messages,
+        add_generation_prompt=generation_prompt,
+        bos_token=text.bos_token,
+        eos_token=text.eos_token,
+    )
 
 
 def chat_format_of(model: Any) -> ChatFormat | None:

@@ -980,6 +980,8 @@ def _data_digits_chat(args: argparse.Namespace) -> None:
         print(f"{split:<5}  {len(records):>4} conversations  {out / f'{split}.jsonl'}")
     for family in FAMILIES:
         print(f"  {family:<18} {families['train'][family]:>4} train  {families['val'][family]:>3} val")
+    stage1 = out / "stage1.jsonl"
+    print(f"stage1 {len(stage1.read_text().splitlines()):>4} caption-style conversations  {stage1}")
     for split in ("train", "val"):
         manifest = out / f"towers_{split}.jsonl"
         records = [json.loads(line) for line in manifest.read_text().splitlines()]

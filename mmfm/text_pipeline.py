@@ -112,17 +112,14 @@ def conversation_ids(
     model: MultimodalModel, messages: Sequence[Mapping[str, Any]], what: str = "messages"
 ) -> list[int]:
     """A conversation's ids: rendered by the model's chat template with the assistant's turn opened."""
-    from mmfm.chat_template import render_chat
+    from mmfm.chat_format import render_conversation
 
     text = model.config.text
     if text.chat_template is None:
         raise InputError(
             f"{what}: this model has no chat template (text.chat_template); pass prompts instead, or set one"
         )
-    rendered = render_chat(
-        text.chat_template, messages, add_generation_prompt=True, bos_token=text.bos_token, eos_token=text.eos_token
-    )
-    return model.tokenizer.encode(rendered)
+    return model.tokenizer.encode(render_conversation(text, messages, generation_prompt=True))
 
 
 def is_conversation(messages: object) -> bool:

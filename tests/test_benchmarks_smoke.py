@@ -83,4 +83,3 @@ def test_quick_run_reports_every_ratio():
     stdout = _quick_run()
     _assert_ratio_lines(stdout, RATIOS + (BASELINE_RATIOS if _has_baseline() else ()))
     assert "peak" in stdout and "MiB" in stdout  # the train step's peak RSS of both sides
-

@@ -23,6 +23,7 @@ from mmfm.data.digits import NUMBER_WORDS
 SMALL = {
     "limit": 60,
     "conversations": 260,
+    "stage1_conversations": 30,
     "val_per_family": 4,
     "clips_per_digit": 1,
     "val_clips_per_digit": 1,
@@ -77,6 +78,15 @@ def test_the_command_writes_the_manifests_and_prints_the_counts(written):
     for family in digits_chat.FAMILIES:
         assert f"  {family:<18} {counts[family]:>4} train    4 val\n" in printed
     assert f"52 examples (12 images, 30 speech clips, 10 tones)  {out / 'towers_val.jsonl'}" in printed
+
+
+def test_stage_1_conversations_are_caption_style_about_training_media(written):
+    out, printed = written
+    stage1 = read_manifest(out / "stage1.jsonl")
+    assert len(stage1) == 30 and {r["family"] for r in stage1} == set(digits_chat.STAGE1_FAMILIES)
+    assert f"stage1   30 caption-style conversations  {out / 'stage1.jsonl'}" in printed
+    val_media = {p for r in read_manifest(out / "val.jsonl") for p in r["images"] + r["audio"]}
+    assert not val_media & {p for r in stage1 for p in r["images"] + r["audio"]}
 
 
 def test_help_exits_0_with_examples(capsys):

@@ -8,6 +8,7 @@ out/images/00000.png              scikit-learn's handwritten digits, as `write_d
 out/speech/en-us+f2_7_03.wav      a voice saying a digit, "<voice>_<digit>_<k>.wav" (16 kHz mono, 16-bit PCM)
 out/tones/00000.wav               a digit's telephone key tone (`dtmf_tone`)
 out/train.jsonl, out/val.jsonl    conversations, one a line
+out/stage1.jsonl                  caption-style training conversations ("Describe the image."), for stage 1
 out/towers_train.jsonl, out/towers_val.jsonl
                                   one image or sound and its label a line: {"audio": "tones/00003.wav", "label": "8"}
 ```
@@ -76,6 +77,8 @@ FAMILIES = (
     "multi_turn",
     "text_only",
 )
+# Stage 1 of chat training (projectors only) learns from caption-style conversations: these families, evenly.
+STAGE1_FAMILIES = ("describe_image", "describe_sound", "describe_tone")
 # Shares of the training conversations, out of 20.
 TRAIN_WEIGHTS = {
     "image_digit": 3,
@@ -318,8 +321,9 @@ def write_digits_chat(
     limit: int | None = None,
     *,
     conversations: int = 3000,
+    stage1_conversations: int = 1200,
     val_per_family: int = 40,
-    clips_per_digit: int = 10,
+    clips_per_digit: int = 30,
     val_clips_per_digit: int = 5,
     tones_per_digit: int = 40,
     val_tones_per_digit: int = 10,
@@ -336,6 +340,8 @@ def write_digits_chat(
             seed writes the same files.
         limit: use only the first `limit` images, for quick tests.
         conversations: how many training conversations, shared among the families by `TRAIN_WEIGHTS`.
+        stage1_conversations: how many caption-style training conversations (`STAGE1_FAMILIES`, evenly) the
+            first stage of chat training reads, from the training media.
         val_per_family: validation conversations of each family.
         clips_per_digit: spoken clips of each digit by each of `TRAIN_VOICES`.
         val_clips_per_digit: spoken clips of each digit by each of `VAL_VOICES`.
@@ -343,8 +349,8 @@ def write_digits_chat(
         val_tones_per_digit: validation tones of each digit.
 
     Returns:
-        `out_dir`, holding `images/`, `speech/`, `tones/`, `train.jsonl`, `val.jsonl`, `towers_train.jsonl` and
-        `towers_val.jsonl`.
+        `out_dir`, holding `images/`, `speech/`, `tones/`, `train.jsonl`, `stage1.jsonl`, `val.jsonl`,
+        `towers_train.jsonl` and `towers_val.jsonl`.
 
     Raises:
         ValueError: a count or `limit` is below 1, or `limit` leaves a split without two different digits (which
@@ -352,6 +358,7 @@ def write_digits_chat(
     """
     counts = {
         "conversations": conversations,
+        "stage1_conversations": stage1_conversations,
         "val_per_family": val_per_family,
         "clips_per_digit": clips_per_digit,
         "val_clips_per_digit": val_clips_per_digit,
@@ -367,7 +374,7 @@ def write_digits_chat(
     labels = write_digit_images(out, limit)
     train_images, val_images = split_indices(len(labels), VAL_FRACTION, seed)
     # one generator per part, so that changing one count leaves the other parts as they were
-    speech_rng, tone_rng, train_rng, val_rng = (np.random.default_rng([seed, part]) for part in range(4))
+    speech_rng, tone_rng, train_rng, val_rng, stage1_rng = (np.random.default_rng([seed, part]) for part in range(5))
     pools = {}
     for split, indices in (("train", train_images), ("val", val_images)):
         images = [(f"images/{i:05d}.png", int(labels[i])) for i in indices]
@@ -388,6 +395,10 @@ def write_digits_chat(
         towers = [{"image": path, "label": str(digit)} for path, digit in pool.images]
         towers += [{"audio": path, "label": str(digit)} for path, digit in pool.speech + pool.tones]
         (out / f"towers_{split}.jsonl").write_text("".join(json.dumps(record) + "\n" for record in towers))
+    stage1 = _conversations(
+        "train", _shares(stage1_conversations, dict.fromkeys(STAGE1_FAMILIES, 1)), stage1_rng, pools["train"]
+    )
+    (out / "stage1.jsonl").write_text("".join(json.dumps(record) + "\n" for record in stage1))
     return out
 
 
