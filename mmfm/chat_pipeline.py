@@ -25,17 +25,15 @@ from mmfm.chat_format import ChatFormat, ChatInputs, check_media_counts, check_m
 from mmfm.config import DEFAULT_BATCH_SIZE, MEDIA_MODALITIES
 from mmfm.data.collate import process_media
 from mmfm.errors import InputError
-from mmfm.pipelines import batches
 from mmfm.text_generation import GenerationConfig
 from mmfm.text_pipeline import (
     MultimodalModel,
     Started,
     check_prompt_lengths,
     conversation_list,
-    generate_batch,
     is_conversation,
+    respond,
     start,
-    stream_text,
 )
 
 
@@ -90,16 +88,9 @@ def chat(
         check_media_counts(turns, {m: len(v) for m, v in items.items()}, what)
         prompts.append((chat_format.encode(turns, generation_prompt=True, what=what), items))
     check_prompt_lengths(model, [len(encoded) for encoded, _ in prompts], "conversation")
-    if stream:
-        if len(prompts) != 1:
-            raise InputError(f"stream=True answers one conversation at a time, got {len(prompts)}")
-        if config.num_beams > 1:
-            raise InputError("stream=True decodes token by token; beam search (num_beams > 1) cannot stream")
-        return stream_text(model, _start(model, prompts, config))
-    replies = []
-    for batch in batches(len(prompts), batch_size, progress, "chat"):
-        replies += generate_batch(model, _start(model, prompts[batch], config))
-    return replies[0] if single else replies
+    return respond(
+        model, prompts, _start, config, stream=stream, batch_size=batch_size, progress=progress, single=single
+    )
 
 
 @torch.no_grad()

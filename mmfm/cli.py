@@ -947,15 +947,20 @@ def _no_dataset(args: argparse.Namespace) -> None:  # unreachable: argparse requ
     raise InputError("mmfm data needs a DATASET")
 
 
-def _data_digits(args: argparse.Namespace) -> None:
-    from mmfm.data.digits import write_digits
-
+def _write_dataset(args: argparse.Namespace, writer: Callable[..., Path]) -> Path:
+    """`writer(args.out, seed=args.seed)`, with the seed checked and a write failure as an InputError."""
     if not 0 <= args.seed < 2**64:
         raise InputError(f"--seed must be a whole number in [0, 2**64 - 1], got {_quoted(str(args.seed))}")
     try:
-        out = write_digits(args.out, seed=args.seed)
+        return writer(args.out, seed=args.seed)
     except OSError as e:
         raise InputError(f"{args.out}: cannot write the dataset ({e.strerror or e})") from None
+
+
+def _data_digits(args: argparse.Namespace) -> None:
+    from mmfm.data.digits import write_digits
+
+    out = _write_dataset(args, write_digits)
     print(f"wrote the digits dataset to {out}")
     for split in ("train", "val"):
         manifest = out / f"{split}.jsonl"
@@ -964,21 +969,16 @@ def _data_digits(args: argparse.Namespace) -> None:
 
 
 def _data_digits_chat(args: argparse.Namespace) -> None:
-    from mmfm.data.digits_chat import FAMILIES, write_digits_chat
+    from mmfm.data import digits_chat
 
-    if not 0 <= args.seed < 2**64:
-        raise InputError(f"--seed must be a whole number in [0, 2**64 - 1], got {_quoted(str(args.seed))}")
-    try:
-        out = write_digits_chat(args.out, seed=args.seed)
-    except OSError as e:
-        raise InputError(f"{args.out}: cannot write the dataset ({e.strerror or e})") from None
+    out = _write_dataset(args, digits_chat.write_digits_chat)
     print(f"wrote the digits chat dataset to {out}")
     families = {}
     for split in ("train", "val"):
         records = [json.loads(line) for line in (out / f"{split}.jsonl").read_text().splitlines()]
         families[split] = collections.Counter(record["family"] for record in records)
         print(f"{split:<5}  {len(records):>4} conversations  {out / f'{split}.jsonl'}")
-    for family in FAMILIES:
+    for family in digits_chat.FAMILIES:
         print(f"  {family:<18} {families['train'][family]:>4} train  {families['val'][family]:>3} val")
     stage1 = out / "stage1.jsonl"
     print(f"stage1 {len(stage1.read_text().splitlines()):>4} caption-style conversations  {stage1}")

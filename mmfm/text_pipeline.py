@@ -16,7 +16,7 @@ and ends a row at any of the model's EOS tokens or at a `stop` string.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
@@ -88,15 +88,35 @@ def generate_text(
     else:
         single = isinstance(prompts, str)
         rows = [prompt_ids(model, p) for p in text_items(prompts)]
+    return respond(model, rows, _start, config, stream=stream, batch_size=batch_size, progress=progress, single=single)
+
+
+def respond(
+    model: MultimodalModel,
+    prompts: list,
+    begin: Callable[[MultimodalModel, list, GenerationConfig], Started],
+    config: GenerationConfig,
+    *,
+    stream: bool,
+    batch_size: int,
+    progress: bool,
+    single: bool,
+) -> str | list[str] | Iterator[str]:
+    """The texts generated for prompts (any form `begin(model, prompts, config)` primes a decoder from),
+    `batch_size` at a time, or the one prompt's text as a stream of pieces; one str when `single`.
+
+    Raises:
+        InputError: `stream=True` with several prompts, or with beam search.
+    """
     if stream:
-        if len(rows) != 1:
-            raise InputError(f"stream=True generates one text at a time, got {len(rows)} prompts")
+        if len(prompts) != 1:
+            raise InputError(f"stream=True generates one text at a time, got {len(prompts)} prompts")
         if config.num_beams > 1:
             raise InputError("stream=True decodes token by token; beam search (num_beams > 1) cannot stream")
-        return stream_text(model, _start(model, rows, config))
+        return stream_text(model, begin(model, prompts, config))
     texts = []
-    for batch in batches(len(rows), batch_size, progress, "generate"):
-        texts += generate_batch(model, _start(model, rows[batch], config))
+    for batch in batches(len(prompts), batch_size, progress, "generate"):
+        texts += generate_batch(model, begin(model, prompts[batch], config))
     return texts[0] if single else texts
 
 

@@ -138,7 +138,7 @@ def test_an_unknown_name_lists_close_presets_and_shipped_configs():
     with pytest.raises(ConfigError) as e:
         get_config("mmfm-tiny-digit")
     message = str(e.value)
-    assert "did you mean mmfm-tiny-digits, mmfm-tiny-digits-gen, mmfm-tiny?" in message
+    assert "did you mean mmfm-tiny-digits, mmfm-tiny-digits-gen, mmfm-tiny-digits-towers?" in message
     assert "presets: mmfm-base" in message and "shipped configs: mmfm-base-gqa" in message
     with pytest.raises(ConfigError, match=r"unknown model 'mmfm-gqa'; did you mean mmfm-base-gqa"):
         get_config("mmfm-gqa")
