@@ -487,34 +487,29 @@ def build_parser() -> argparse.ArgumentParser:
     summary = "Write a built-in dataset as files and JSONL manifests."
     data = command("data", summary, _DATA_EPILOG, _no_dataset)
     datasets = data.add_subparsers(dest="dataset", title="datasets", metavar="DATASET", required=True)
-    summary = "Write the handwritten digits demo dataset: images, DTMF tones, captions, labels."
-    digits = datasets.add_parser(
-        "digits",
-        help=summary,
-        description=summary,
-        epilog=_DIGITS_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    writers = (
+        (
+            "digits",
+            "Write the handwritten digits demo dataset: images, DTMF tones, captions, labels.",
+            _DIGITS_EPILOG,
+            _data_digits,
+            "seed of the tones and the split",
+        ),
+        (
+            "digits-chat",
+            "Write the chat demo's data: conversations about digit images, spoken digits and tones.",
+            _DIGITS_CHAT_EPILOG,
+            _data_digits_chat,
+            "seed of the split, clips, tones and conversations",
+        ),
     )
-    digits.set_defaults(run=_data_digits, parser=digits)
-    digits.add_argument("out", metavar="OUT", help="the directory to write into (created if missing)")
-    digits.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the tones and the split (default: 0)")
-    summary = "Write the chat demo's data: conversations about digit images, spoken digits and tones."
-    chat = datasets.add_parser(
-        "digits-chat",
-        help=summary,
-        description=summary,
-        epilog=_DIGITS_CHAT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    chat.set_defaults(run=_data_digits_chat, parser=chat)
-    chat.add_argument("out", metavar="OUT", help="the directory to write into (created if missing)")
-    chat.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        metavar="N",
-        help="seed of the split, clips, tones and conversations (default: 0)",
-    )
+    for name, summary, epilog, run, seeds in writers:
+        writer = datasets.add_parser(
+            name, help=summary, description=summary, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        writer.set_defaults(run=run, parser=writer)
+        writer.add_argument("out", metavar="OUT", help="the directory to write into (created if missing)")
+        writer.add_argument("--seed", type=int, default=0, metavar="N", help=f"{seeds} (default: 0)")
     return parser
 
 
