@@ -266,8 +266,7 @@ class ChatFormat:
                 supervised += [False] * size
                 last = match.end()
             self._add_text(full[last:end], inside, ids, supervised)
-            reply = {t for t, target in zip(ids[reply_start:], supervised[reply_start:]) if target}  # no media
-            if inside and any(b == end for _, b in spans) and not self.eos_ids & reply:
+            if inside and any(b == end for _, b in spans) and not self._ends_turn(ids, supervised, reply_start):
                 ids.append(self.eos_id)  # a reply must teach the model to stop (see the module docstring)
                 supervised.append(True)
         encoded = EncodedConversation(ids, supervised, media)
@@ -299,6 +298,10 @@ class ChatFormat:
         if not spans:
             raise InputError(f"{what}: the conversation has no assistant turn to learn from")
         return spans
+
+    def _ends_turn(self, ids: list[int], supervised: list[bool], start: int) -> bool:
+        """Whether the reply whose tokens begin at `start` holds an EOS token among its text (not media) tokens."""
+        return any(target and token in self.eos_ids for token, target in zip(ids[start:], supervised[start:]))
 
     def _add_text(self, text: str, inside: bool, ids: list[int], supervised: list[bool]) -> None:
         if text:

@@ -54,11 +54,13 @@ def param_groups(model: nn.Module, weight_decay: float, component_lr: dict[str, 
             continue
         seen.add(id(p))
         kind = "decay" if id(p) in decay_ids else "no_decay"
-        key = kind if component_lr is None else f"{component_of(name)}/{kind}"
-        group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": weight_decay * (kind == "decay")})
-        if component_lr is not None and key.split("/")[0] in component_lr:
-            group["lr"] = component_lr[key.split("/")[0]]
-        group["params"].append(p)
+        component = None if component_lr is None else component_of(name)
+        key = kind if component is None else f"{component}/{kind}"
+        if key not in groups:
+            groups[key] = {"name": key, "params": [], "weight_decay": weight_decay * (kind == "decay")}
+            if component in (component_lr or {}):
+                groups[key]["lr"] = component_lr[component]
+        groups[key]["params"].append(p)
     if component_lr is None:  # the two groups always exist, as optimizer state of earlier runs expects
         for kind in ("decay", "no_decay"):
             groups.setdefault(kind, {"name": kind, "params": [], "weight_decay": weight_decay * (kind == "decay")})
