@@ -36,6 +36,7 @@ import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
+from itertools import chain
 
 from mmfm.errors import InputError
 from mmfm.eval.checks import check_lengths, reference_lists
@@ -347,9 +348,9 @@ def _prepare(
     return predictions, refs
 
 
-def _ngrams(words: list[str], n: int) -> Counter:
-    """Counts of the n-grams of one length."""
-    return Counter(zip(*(words[k:] for k in range(n))))
+def _ngrams(words: list[str], max_n: int = MAX_N) -> Counter:
+    """Counts of every n-gram of the words, n = 1..max_n (an n-gram's length tells its n)."""
+    return Counter(chain.from_iterable(zip(*(words[k:] for k in range(n))) for n in range(1, max_n + 1)))
 
 
 def bleu(
@@ -372,13 +373,14 @@ def bleu(
         ref_words = [r.split() for r in item_refs]
         test_total += len(words)
         ref_total += min((abs(len(r) - len(words)), len(r)) for r in ref_words)[1]
-        for n in range(1, max_n + 1):
-            counts = _ngrams(words, n)
-            most = Counter()
-            for r in ref_words:
-                most |= _ngrams(r, n)  # the highest count of each n-gram in any one reference
-            correct[n - 1] += sum(min(c, most[g]) for g, c in counts.items())
-            guess[n - 1] += max(0, len(words) - n + 1)
+        most = Counter()
+        for r in ref_words:
+            most |= _ngrams(r, max_n)  # the highest count of each n-gram in any one reference
+        for gram, count in _ngrams(words, max_n).items():
+            if gram in most:
+                correct[len(gram) - 1] += min(count, most[gram])
+        for n in range(max_n):
+            guess[n] += max(0, len(words) - n)
     scores, product = [], 1.0
     for n in range(max_n):
         product *= (correct[n] + _TINY) / (guess[n] + _SMALL)
@@ -388,15 +390,13 @@ def bleu(
     return [s * penalty for s in scores]
 
 
-class _TfIdf:
-    """An n-gram tf-idf vector of one text per n-gram length, its norms and its bigram count (CIDEr's length)."""
-
-    __slots__ = ("vectors", "norms", "length")
-
-    def __init__(self, grams: list[Counter], idf: Callable[[tuple], float]):
-        self.vectors = [{g: tf * idf(g) for g, tf in counts.items()} for counts in grams]
-        self.norms = [math.sqrt(sum(v * v for v in vec.values())) for vec in self.vectors]
-        self.length = sum(grams[1].values()) if len(grams) > 1 else 0
+def _tf_idf(counts: Counter, idf: dict[tuple, float], unseen: float) -> tuple[dict[tuple, float], list[float]]:
+    """An n-gram tf-idf vector (n-grams of every length in one dict) and its norm per n-gram length."""
+    vector, squares = {}, [0.0] * MAX_N
+    for gram, tf in counts.items():
+        weight = vector[gram] = tf * idf.get(gram, unseen)
+        squares[len(gram) - 1] += weight * weight
+    return vector, [math.sqrt(x) for x in squares]
 
 
 def cider_d(predictions: Sequence[str], references: Sequence[str | Sequence[str]], tokenize: bool = True) -> float:
@@ -409,32 +409,29 @@ def cider_d(predictions: Sequence[str], references: Sequence[str | Sequence[str]
     over items.
     """
     predictions, refs = _prepare(predictions, references, tokenize)
-    ref_grams = [[[_ngrams(r.split(), n) for n in range(1, MAX_N + 1)] for r in item] for item in refs]
+    ref_counts = [[_ngrams(r.split()) for r in item] for item in refs]
     doc_freq = Counter()
-    for item in ref_grams:
-        doc_freq.update({g for grams in item for counts in grams for g in counts})
+    for item in ref_counts:
+        doc_freq.update(set().union(*item))
     log_items = math.log(len(refs))
-    idf_cache: dict[tuple, float] = {}
-
-    def idf(gram: tuple) -> float:
-        weight = idf_cache.get(gram)
-        if weight is None:
-            weight = idf_cache[gram] = log_items - math.log(max(1.0, doc_freq[gram]))
-        return weight
-
+    idf = {gram: log_items - math.log(df) for gram, df in doc_freq.items()}
     total = 0.0
-    for prediction, item in zip(predictions, ref_grams):
+    for prediction, item in zip(predictions, ref_counts):
         words = prediction.split()
-        hyp = _TfIdf([_ngrams(words, n) for n in range(1, MAX_N + 1)], idf)
+        hyp, hyp_norms = _tf_idf(_ngrams(words), idf, log_items)
+        hyp_length = max(len(words) - 1, 0)  # CIDEr's length is the bigram count
         item_score = 0.0
-        for grams in item:
-            ref = _TfIdf(grams, idf)
-            penalty = math.exp(-((hyp.length - ref.length) ** 2) / (2 * CIDER_SIGMA**2))
-            for h, r, hn, rn in zip(hyp.vectors, ref.vectors, hyp.norms, ref.norms):
-                dot = sum(min(w, r[g]) * r[g] for g, w in h.items() if g in r)
-                if hn and rn:
-                    dot /= hn * rn
-                item_score += dot * penalty
+        for counts in item:
+            ref, ref_norms = _tf_idf(counts, idf, log_items)
+            dots = [0.0] * MAX_N
+            for gram, weight in hyp.items():
+                ref_weight = ref.get(gram)
+                if ref_weight:
+                    dots[len(gram) - 1] += min(weight, ref_weight) * ref_weight
+            ref_length = sum(c for g, c in counts.items() if len(g) == 2)
+            penalty = math.exp(-((hyp_length - ref_length) ** 2) / (2 * CIDER_SIGMA**2))
+            for dot, hn, rn in zip(dots, hyp_norms, ref_norms):
+                item_score += (dot / (hn * rn) if hn and rn else dot) * penalty
         total += item_score / MAX_N / len(item) * 10.0
     return total / len(refs)
 
