@@ -30,8 +30,8 @@ def reference_lists(references: Sequence[str | Sequence[str]], name: str = "refe
         refs = [refs] if isinstance(refs, str) else list(refs)
         if not refs:
             raise InputError(f"{name}[{i}] is empty: every item needs at least one reference")
-        bad = next((r for r in refs if not isinstance(r, str)), None)
-        if bad is not None:
-            raise InputError(f"{name}[{i}] holds {type(bad).__name__} {bad!r}: references are strings")
+        for ref in refs:
+            if not isinstance(ref, str):
+                raise InputError(f"{name}[{i}] holds {type(ref).__name__} {ref!r}: references are strings")
         lists.append(refs)
     return lists
