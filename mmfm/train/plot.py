@@ -1,67 +1,165 @@
-"""Loss and metric curves drawn with Pillow (no plotting library needed): one panel per kind of series."""
+"""A training run's curves drawn with matplotlib: one titled panel per kind of series, against the step.
+
+Losses are drawn on a log axis (they fall from a few units to 1e-5 in one run, which a linear axis flattens into
+the floor), training and held-out losses share that axis and each task keeps one colour in every panel. Held-out
+values are markers at the steps they were measured, joined by a line only once there are three or more, and every
+legend sits beside its panel rather than over the data.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw
+from mmfm.eval.figures import new_figure, save_png
 
-_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
-_PANEL_W, _PANEL_H, _MARGIN = 560, 300, 48
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+Series = dict[str, list[tuple[int, float]]]
+
+TRAIN_LOSS, VAL_LOSS, VAL_METRICS = "training loss", "held-out loss", "held-out metrics"
+# panel title -> y-axis label, in drawing order; any other series gets a panel of its own after these
+PANELS = {
+    TRAIN_LOSS: "loss",
+    VAL_LOSS: "loss",
+    VAL_METRICS: "value",
+    "learning rate": "learning rate",
+    "throughput": "samples / s",
+}
+LINE_MIN_POINTS = 3  # held-out values are joined by a line from this many points on; fewer are markers alone
+MARKERS = "osD^vP*Xph<>"
 
 
 def panel_of(name: str) -> str:
-    """The panel a series goes to: training losses, held-out losses, held-out metrics or the learning rate."""
+    """The panel a series goes to: training or held-out loss, held-out metrics, learning rate, throughput or its
+    own (named after the series)."""
     if name.endswith("/loss"):
-        return "train loss" if name.startswith("train/") else "held-out loss"
+        return TRAIN_LOSS if name.startswith("train/") else VAL_LOSS
     if name.startswith("val/"):
-        return "held-out metrics"
+        return VAL_METRICS
+    last = name.rpartition("/")[2]
+    return {"lr": "learning rate", "samples_per_s": "throughput"}.get(last, name)
+
+
+def plot_curves(series: Series, path: str | Path) -> Path:
+    """Writes the curves of `series` to a PNG at `path` (see `curves_figure`) and returns the path."""
+    return save_png(curves_figure(series), path)
+
+
+def curves_figure(series: Series) -> Figure:
+    """The figure `plot_curves` writes: a grid of panels, two to a row, sharing the step axis.
+
+    Args:
+        series: {name: [(step, value), ...]} as a run's metrics.csv holds them: "train/<task>/loss",
+            "val/<task>/loss", "val/<task>/<metric>", "train/lr", "train/samples_per_s". Empty series and points
+            that are not finite (a diverged loss) are left out; with nothing left the figure says so.
+
+    Returns:
+        The figure; its axes carry the panel titles (`ax.get_title()`).
+    """
+    panels: dict[str, Series] = {}
+    for name, points in sorted(series.items()):
+        points = [(step, value) for step, value in points if math.isfinite(value)]
+        if points:
+            panels.setdefault(panel_of(name), {})[name] = points
+    if not panels:
+        figure = new_figure(6.0, 2.0)
+        figure.text(0.5, 0.5, "no metrics logged yet", ha="center", va="center")
+        return figure
+    order = [p for p in PANELS if p in panels] + sorted(p for p in panels if p not in PANELS)
+    tasks = sorted({_task(name) for lines in panels.values() for name in lines})
+    colors = dict(zip(tasks, _palette(len(tasks)), strict=True))
+
+    columns = min(2, len(order))
+    rows = math.ceil(len(order) / columns)
+    figure = new_figure(7.5 * columns, 3.6 * rows)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[len(order) :]:
+        ax.set_visible(False)
+    last_step = max(step for lines in panels.values() for points in lines.values() for step, _ in points)
+    for ax, title in zip(axes, order, strict=False):
+        lines = panels[title]
+        held_out = title in (VAL_LOSS, VAL_METRICS)
+        metric_markers = _metric_markers(lines) if title == VAL_METRICS else {}
+        for name, points in lines.items():
+            steps, values = zip(*points, strict=True)
+            if held_out:
+                marker = metric_markers.get(name, "o")
+                style = "-" if len(points) >= LINE_MIN_POINTS else "none"
+            else:
+                marker, style = ("o" if len(points) == 1 else None), "-"
+            ax.plot(
+                steps,
+                values,
+                marker=marker,
+                linestyle=style,
+                color=colors[_task(name)],
+                label=_label(name, title),
+            )
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(PANELS.get(title, title.rpartition("/")[2]))
+        ax.set_xlim(0, last_step * 1.04 or 1)  # room for a marker on the last step
+        ax.grid(alpha=0.3)
+        if title == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        if len(lines) > 1 or title in (TRAIN_LOSS, VAL_LOSS, VAL_METRICS):
+            ax.legend(
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),
+                borderaxespad=0.0,
+                fontsize="small",
+                frameon=False,
+                ncols=2 if len(lines) > 12 else 1,
+            )
+    _loss_axes(figure, [ax for ax, title in zip(axes, order, strict=False) if title in (TRAIN_LOSS, VAL_LOSS)])
+    return figure
+
+
+def _loss_axes(figure: Figure, axes: list[Axes]) -> None:
+    """One y scale for both loss panels: log when every loss is positive, symmetric log around zero when some are
+    not (a loss of exactly 0, or an objective that goes negative), linear when none is."""
+    if not axes:
+        return
+    values = [v for ax in axes for line in ax.get_lines() for v in line.get_ydata()]
+    nonzero = [abs(v) for v in values if v != 0]
+    for ax in axes[1:]:
+        ax.sharey(axes[0])
+    if all(v > 0 for v in values):
+        axes[0].set_yscale("log")
+    elif nonzero:
+        axes[0].set_yscale("symlog", linthresh=min(nonzero))
+
+
+def _task(name: str) -> str:
+    """The task a series belongs to ("val/image_caption/exact_match" -> "image_caption"); else the name."""
+    parts = name.split("/")
+    return parts[1] if len(parts) >= 3 and parts[0] in ("train", "val") else name
+
+
+def _label(name: str, panel: str) -> str:
+    """A series' legend entry: the task for losses, task and metric for held-out metrics, else the name."""
+    if panel in (TRAIN_LOSS, VAL_LOSS):
+        return _task(name)
+    if panel == VAL_METRICS:
+        return name.removeprefix("val/")
     return name
 
 
-def plot_curves(series: dict[str, list[tuple[int, float]]], path: str | Path) -> Path:
-    """Writes a PNG with one panel per `panel_of` group; each series is a polyline over its steps."""
-    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for name, points in sorted(series.items()):
-        if points:
-            panels.setdefault(panel_of(name), {})[name] = points
-    columns = 2
-    rows = max(1, -(-len(panels) // columns))
-    image = Image.new("RGB", (columns * _PANEL_W, rows * _PANEL_H), "white")
-    draw = ImageDraw.Draw(image)
-    for i, (title, lines) in enumerate(sorted(panels.items())):
-        _draw_panel(draw, (i % columns) * _PANEL_W, (i // columns) * _PANEL_H, title, lines)
-    path = Path(path)
-    image.save(path)
-    return path
+def _metric_markers(lines: Series) -> dict[str, str]:
+    """A marker shape per metric ("accuracy", "exact_match", ...), so that a task's metrics, which share its
+    colour, stay apart."""
+    metrics = sorted({name.split("/", 2)[-1] for name in lines})
+    shape = {metric: MARKERS[i % len(MARKERS)] for i, metric in enumerate(metrics)}
+    return {name: shape[name.split("/", 2)[-1]] for name in lines}
 
 
-def _draw_panel(draw: ImageDraw.ImageDraw, x0: int, y0: int, title: str, lines: dict) -> None:
-    steps = [s for pts in lines.values() for s, _ in pts]
-    values = [v for pts in lines.values() for _, v in pts]
-    s_lo, s_hi = min(steps), max(steps)
-    v_lo, v_hi = min(values), max(values)
-    if v_hi == v_lo:
-        v_lo, v_hi = v_lo - 0.5, v_hi + 0.5
-    left, top = x0 + _MARGIN, y0 + 24
-    right, bottom = x0 + _PANEL_W - 12, y0 + _PANEL_H - 28
+def _palette(count: int) -> list:
+    """`count` distinct colours: matplotlib's tab10, or tab20 past ten."""
+    from matplotlib import colormaps
 
-    def xy(step: int, value: float) -> tuple[float, float]:
-        fx = (step - s_lo) / (s_hi - s_lo) if s_hi > s_lo else 0.5
-        return left + fx * (right - left), bottom - (value - v_lo) / (v_hi - v_lo) * (bottom - top)
-
-    draw.rectangle([left, top, right, bottom], outline="#888888")
-    draw.text((left, y0 + 6), title, fill="black")
-    draw.text((x0 + 2, top), f"{v_hi:.3g}", fill="#444444")
-    draw.text((x0 + 2, bottom - 10), f"{v_lo:.3g}", fill="#444444")
-    draw.text((left, bottom + 4), f"step {s_lo}", fill="#444444")
-    draw.text((right - 70, bottom + 4), f"step {s_hi}", fill="#444444")
-    for j, (name, points) in enumerate(lines.items()):
-        color = _COLORS[j % len(_COLORS)]
-        coords = [xy(s, v) for s, v in points]
-        if len(coords) > 1:
-            draw.line(coords, fill=color, width=2)
-        else:
-            cx, cy = coords[0]
-            draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=color)
-        draw.text((left + 6, top + 4 + 12 * j), name, fill=color)
+    cmap = colormaps["tab10" if count <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(count)]
