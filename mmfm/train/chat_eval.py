@@ -1,9 +1,9 @@
 """Held-out metrics of a chat model: is the generated reply right, overall and per question family.
 
 Each held-out conversation is cut before its last assistant turn; the model answers what comes before (with the
-media those turns name), greedily, and the reply is compared with the reference after normalisation
-(`normalize_answer`: case, punctuation, spacing, and number words as digits, so "It is a Seven!" equals "it is a
-7"). A conversation that gives an `answer` (a word or phrase) is right when its normalised words occur in the
+media those turns name), greedily, and the reply is compared with the reference by `mmfm.eval.qa.is_correct`
+(after `normalize_answer`: case, punctuation, spacing, and number words as digits, so "It is a Seven!" equals "it
+is a 7"). A conversation that gives an `answer` (a word or phrase) is right when its normalised words occur in the
 normalised reply; otherwise the whole normalised reply must equal the reference turn's.
 
 Metrics: `reply_accuracy` over all conversations and `reply_accuracy/<family>` per question family.
@@ -11,36 +11,14 @@ Metrics: `reply_accuracy` over all conversations and `reply_accuracy/<family>` p
 
 from __future__ import annotations
 
-import string
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 from mmfm.chat_format import count_placeholders
+from mmfm.eval.qa import accuracy_by_family, is_correct, normalize_answer
 
-NUMBER_WORDS = {
-    word: str(value)
-    for value, word in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-        "seventeen eighteen nineteen twenty".split()
-    )
-}
-_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation if c not in "+-="})
-
-
-def normalize_answer(text: str) -> list[str]:
-    """The words of an answer, lower-cased, without punctuation (arithmetic signs kept), number words as digits."""
-    words = text.lower().translate(_PUNCTUATION).split()
-    return [NUMBER_WORDS.get(w, w) for w in words]
-
-
-def is_correct(reply: str, reference: str, answer: str | None = None) -> bool:
-    """Whether a reply is right: it contains `answer`'s words in order, or (no answer) equals the reference."""
-    said = normalize_answer(reply)
-    if answer is None:
-        return said == normalize_answer(reference)
-    wanted = normalize_answer(answer)
-    return any(said[i : i + len(wanted)] == wanted for i in range(len(said) - len(wanted) + 1))
+# is_correct and normalize_answer are mmfm.eval.qa's, importable from here as before
+__all__ = ["is_correct", "normalize_answer", "question_and_reference", "reply_metrics"]
 
 
 def question_and_reference(item: dict[str, Any]) -> tuple[list[dict[str, str]], dict[str, list], str]:
@@ -75,16 +53,12 @@ def reply_metrics(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
     )
-    right: dict[str, list[bool]] = defaultdict(list)
     records = []
     for item, (turns, _, reference), reply in zip(items, questions, replies):
         ok = is_correct(reply, reference, item.get("answer"))
         family = item.get("family", "all")
-        right[family].append(ok)
         question = turns[-1]["content"]
         records.append({"family": family, "question": question, "reply": reply, "reference": reference, "correct": ok})
-    every = [ok for oks in right.values() for ok in oks]
-    metrics = {"reply_accuracy": sum(every) / len(every)}
-    if set(right) != {"all"}:
-        metrics |= {f"reply_accuracy/{family}": sum(oks) / len(oks) for family, oks in sorted(right.items())}
-    return metrics, records
+    families = [r["family"] for r in records]
+    accuracy = accuracy_by_family([r["correct"] for r in records], None if set(families) == {"all"} else families)
+    return {f"reply_{key}": value for key, value in accuracy.items()}, records
