@@ -20,7 +20,8 @@ import torch
 
 import mmfm
 from benchmarks.harness import Ratio, Result, compare, setup, table
-from mmfm.data.judge import DigitsJudge, mean_pairwise_distance
+from mmfm.data.judge import DigitsJudge
+from mmfm.eval import generation
 
 DEFAULT_MODEL = Path("runs/demo/final")
 DEFAULT_DATA = Path("data/digits")
@@ -68,7 +69,7 @@ def main(
     rows, accuracy = [], {}
     for key, images in result.outputs.items():
         accuracy[key] = judge.accuracy(images, digits)
-        diversity = np.mean([mean_pairwise_distance(images[d * per_digit : (d + 1) * per_digit]) for d in range(10)])
+        diversity = np.mean([generation.diversity(images[d * per_digit : (d + 1) * per_digit]) for d in range(10)])
         rows.append([key, f"{result.median(key):.2f} s", f"{accuracy[key]:.3f}", f"{diversity:.3f}"])
 
     gen = model.config.image_gen

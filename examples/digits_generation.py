@@ -24,7 +24,8 @@ from PIL import Image, ImageOps
 
 import mmfm
 from mmfm.data import ManifestDataset
-from mmfm.data.judge import DigitsJudge, mean_pairwise_distance
+from mmfm.data.judge import DigitsJudge
+from mmfm.eval import generation
 from mmfm.pipelines import image_grid, to_pil
 
 DIGITS = range(10)
@@ -55,7 +56,7 @@ def real_at_generated_size(model, paths: list[str]) -> list[Image.Image]:
 
 def diversity(images: list[Image.Image], per_digit: int) -> float:
     """Mean pairwise distance within each digit's consecutive block of images, averaged over the digits."""
-    return float(np.mean([mean_pairwise_distance(images[d * per_digit : (d + 1) * per_digit]) for d in DIGITS]))
+    return float(np.mean([generation.diversity(images[d * per_digit : (d + 1) * per_digit]) for d in DIGITS]))
 
 
 def grid(text_images: list[Image.Image], sound_images: list[Image.Image], per_digit: int, columns: int) -> Image.Image:

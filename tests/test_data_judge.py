@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from mmfm.data.judge import DigitsJudge, mean_pairwise_distance, to_grids
-from mmfm.errors import InputError
+from mmfm.data.judge import DigitsJudge, to_grids
+from mmfm.eval.generation import diversity
 
 
 def _as_images(grids: np.ndarray, size: int = 8) -> list[Image.Image]:
@@ -42,7 +42,7 @@ def test_noise_is_not_read_as_the_digits_it_is_labelled(judge):
     noise = [Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)) for _ in range(200)]
     labels = rng.integers(0, 10, 200)
     assert judge.accuracy(noise, labels) < 0.3
-    assert mean_pairwise_distance(noise) > 0.35  # uniform noise: sqrt(1/6) ~ 0.41
+    assert diversity(noise) > 0.35  # uniform noise: sqrt(1/6) ~ 0.41
 
 
 def test_judge_fits_on_a_manifest(tmp_path, split):
@@ -63,14 +63,3 @@ def test_grids_undo_the_8_bit_rendering_and_box_filter_larger_images():
     np.testing.assert_allclose(grids, digits.images[:10], atol=16 / 255)
     rgb = Image.new("RGB", (16, 16), (255, 255, 255))
     np.testing.assert_allclose(to_grids([rgb]), np.full((1, 8, 8), 16.0))
-
-
-def test_mean_pairwise_distance():
-    black, white = Image.new("L", (4, 4), 0), Image.new("L", (4, 4), 255)
-    assert mean_pairwise_distance([black, black, black]) == 0
-    assert mean_pairwise_distance([black, white]) == pytest.approx(1.0)
-    assert mean_pairwise_distance([black, white, white]) == pytest.approx(2 / 3)
-    with pytest.raises(InputError, match="at least two images"):
-        mean_pairwise_distance([black])
-    with pytest.raises(InputError, match="one size"):
-        mean_pairwise_distance([black, Image.new("L", (8, 8))])

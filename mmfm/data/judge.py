@@ -3,13 +3,13 @@
 scikit-learn's digits are 32x32 bitmaps whose 4x4 blocks were counted into 8x8 grids of 0..16, ink bright on
 black. The judge reads any image the same way: greyscale, box-filtered (block-averaged) to 8x8 and scaled to
 0..16, then classified by an RBF SVM, which reads held-out real digits about 99% right. Used to score an
-image_gen model ("does the image of a seven look like a seven?") and, with `mean_pairwise_distance`, whether its
-images are varied or all alike.
+image_gen model ("does the image of a seven look like a seven?"), as the judge of
+`mmfm.eval.generation.judged_accuracy`.
 
 ```python
 judge = DigitsJudge.from_manifest("data/digits/train.jsonl")   # or DigitsJudge(): every real digit
 digits = judge.predict(model.generate_image(text=["the digit 7"], num_images=8))   # e.g. [7, 7, 1, 7, ...]
-print(judge.accuracy(images, [7] * 8), mean_pairwise_distance(images))
+print(judge.accuracy(images, [7] * 8))
 ```
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -86,16 +85,3 @@ def to_grids(images: Sequence[Image.Image]) -> np.ndarray:
         raise InputError("no images to judge")
     grids = [np.asarray(im.convert("L").resize((SIDE, SIDE), Image.Resampling.BOX), dtype=np.float64) for im in images]
     return np.stack(grids) * (MAX_VALUE / 255.0)
-
-
-def mean_pairwise_distance(images: Sequence[Image.Image]) -> float:
-    """Diversity: the root-mean-square pixel difference (pixels in [0, 1], greyscale) averaged over all pairs.
-
-    0 when every image is the same; 1 for an all-black and an all-white image. The images must share one size.
-    """
-    if len(images) < 2:
-        raise InputError(f"need at least two images to compare, got {len(images)}")
-    arrays = [np.asarray(im.convert("L"), dtype=np.float64) / 255.0 for im in images]
-    if len({a.shape for a in arrays}) > 1:
-        raise InputError(f"images must share one size, got sizes {sorted({a.shape[::-1] for a in arrays})}")
-    return float(np.mean([np.sqrt(np.mean((a - b) ** 2)) for a, b in combinations(arrays, 2)]))
