@@ -13,6 +13,7 @@ import os
 import reprlib
 from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from mmfm.config import DEFAULT_BATCH_SIZE, MEDIA
 from mmfm.decoding import CachedDecoder, RecomputingDecoder
 from mmfm.errors import InputError
+from mmfm.eval.classification import zero_shot_weights
 from mmfm.text_generation import GenerationConfig, check_seed, finite_number, generate, whole_number
 
 # Pipelines take a `mmfm.model.MultimodalModel`; they are annotated `nn.Module` because the model's own
@@ -130,9 +132,9 @@ def classify(
 ) -> Classification:
     """Classifies every item with the trained head, or zero-shot against `labels` through embeddings.
 
-    Zero-shot: each label is written into every template of `config.contrastive.templates`, the text
-    embeddings of one label are averaged, and probabilities are the softmax of the scaled cosine
-    similarities, as in CLIP.
+    Zero-shot: each label is written into every template of `config.contrastive.templates`, the unit text
+    embeddings of one label are averaged and normalised (`mmfm.eval.classification.zero_shot_weights`, open_clip's
+    template ensembling), and probabilities are the softmax of the scaled cosine similarities, as in CLIP.
 
     Args:
         model: the model; it needs a classify head, or a contrastive head for zero-shot labels.
@@ -156,9 +158,8 @@ def classify(
         classes = _labels(labels)
         head = model.head("contrastive")
         modality, items = _one_modality(model, images=images, audio=audio)
-        prompts = [t.format(c) for c in classes for t in head.templates]
-        text = _embed_texts(model, prompts, batch_size).view(len(classes), len(head.templates), -1).mean(dim=1)
-        text = torch.nn.functional.normalize(text, dim=-1).to(model.device)  # (C, E)
+        embed_text = partial(_embed_texts, model, batch_size=batch_size)
+        text = zero_shot_weights(embed_text, classes, head.templates).to(model.device)  # (C, E)
         probs = torch.cat(
             [
                 head.logits(model.embed_tensors(modality, _process(model, {modality: items[rows]})[modality]), text)
