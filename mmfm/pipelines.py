@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from mmfm.config import DEFAULT_BATCH_SIZE, MEDIA
 from mmfm.decoding import CachedDecoder, RecomputingDecoder
 from mmfm.errors import InputError
-from mmfm.eval.classification import zero_shot_weights
 from mmfm.text_generation import GenerationConfig, check_seed, finite_number, generate, whole_number
+from mmfm.zero_shot import zero_shot_weights
 
 # Pipelines take a `mmfm.model.MultimodalModel`; they are annotated `nn.Module` because the model's own
 # `caption`, `classify`, ... forward here, and the package keeps its imports free of cycles.
@@ -133,7 +133,7 @@ def classify(
     """Classifies every item with the trained head, or zero-shot against `labels` through embeddings.
 
     Zero-shot: each label is written into every template of `config.contrastive.templates`, the unit text
-    embeddings of one label are averaged and normalised (`mmfm.eval.classification.zero_shot_weights`, open_clip's
+    embeddings of one label are averaged and normalised (`mmfm.zero_shot.zero_shot_weights`, open_clip's
     template ensembling), and probabilities are the softmax of the scaled cosine similarities, as in CLIP.
 
     Args:

@@ -11,79 +11,28 @@ Ties count against the true class: it is in the top k when fewer than k other cl
 so constant logits score 0 rather than 1 in top-1 (with untied scores this is the usual "label among the k
 largest logits").
 
-The tensor checks here (`matrix`, `class_indices`, `cutoffs`) are shared by the other metric modules.
+`zero_shot_weights` lives in `mmfm.zero_shot`, which `model.classify(labels=...)`
+builds its classifier with; it is re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from mmfm.errors import InputError
+from mmfm.eval.checks import class_indices, cutoffs, matrix
 from mmfm.text_generation import whole_number
+from mmfm.zero_shot import zero_shot_weights
 
-
-def matrix(name: str, values: Tensor, rows: int | None = None, columns: int | None = None) -> Tensor:
-    """`values` as a (rows, columns) float tensor with finite entries; else InputError naming `name`.
-
-    Args:
-        name: what errors call it.
-        values: a 2-D tensor (or anything `torch.as_tensor` takes).
-        rows: the number of rows it must have; None takes any number but 0.
-        columns: the number of columns it must have; None takes any number but 0.
-    """
-    values = torch.as_tensor(values)
-    if values.dim() != 2:
-        raise InputError(f"{name} must be a 2-D (rows, columns) tensor, got shape {tuple(values.shape)}")
-    wanted = (rows, columns)
-    if any(n == 0 for n in values.shape) or any(w is not None and w != n for w, n in zip(wanted, values.shape)):
-        shown = tuple("any" if w is None else w for w in wanted)
-        raise InputError(f"{name} must have shape {shown} (nothing empty), got {tuple(values.shape)}")
-    if values.is_complex() or values.dtype == torch.bool:
-        raise InputError(f"{name} must hold real numbers, got dtype {values.dtype}")
-    values = values.detach().float() if not values.is_floating_point() else values.detach()
-    if not bool(values.isfinite().all()):
-        raise InputError(f"{name} holds non-finite values (NaN or inf) in row {_first_bad_row(values)}")
-    return values
-
-
-def _first_bad_row(values: Tensor) -> int:
-    return int((~values.isfinite()).any(dim=1).nonzero()[0])
-
-
-def class_indices(
-    name: str, values: Tensor | Sequence[int], num_classes: int, length: int | None = None, what: str = "classes"
-) -> Tensor:
-    """`values` as a 1-D LongTensor of class indices in [0, num_classes); else InputError naming `name`.
-
-    Args:
-        name: what errors call it.
-        values: integer class indices.
-        num_classes: how many classes there are.
-        length: how many indices there must be; None takes any number but 0.
-        what: what errors call the things indexed.
-    """
-    values = torch.as_tensor(values)
-    if values.dim() != 1 or not len(values):
-        raise InputError(f"{name} must be a non-empty 1-D tensor of indices, got shape {tuple(values.shape)}")
-    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
-        raise InputError(f"{name} must hold integer indices, got dtype {values.dtype}")
-    if length is not None and len(values) != length:
-        raise InputError(f"{name} holds {len(values)} indices, but {length} items are scored: one each is needed")
-    outside = ((values < 0) | (values >= num_classes)).nonzero()
-    if len(outside):
-        i = int(outside[0])
-        raise InputError(f"{name}[{i}] is {int(values[i])}, outside the {num_classes} {what} [0, {num_classes - 1}]")
-    return values.long()
-
-
-def cutoffs(ks: Sequence[int], name: str = "ks") -> tuple[int, ...]:
-    """The distinct cut-offs k of "top k" / "recall at k", ascending; each a whole number >= 1, else InputError."""
-    if isinstance(ks, int) or not len(ks):
-        raise InputError(f"{name} must be a non-empty list of whole numbers >= 1, got {ks!r}")
-    return tuple(sorted({whole_number(f"{name}[{i}]", k, 1) for i, k in enumerate(ks)}))
+__all__ = [
+    "classification_metrics",
+    "confusion_matrix",
+    "per_class_accuracy",
+    "top_k_accuracy",
+    "zero_shot_weights",
+]
 
 
 def top_k_accuracy(logits: Tensor, labels: Tensor | Sequence[int], ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -149,38 +98,3 @@ def classification_metrics(
     metrics = top_k_accuracy(logits, labels, ks)
     per_class = per_class_accuracy(logits.argmax(dim=1), labels, class_names)
     return metrics | {f"accuracy/{name}": value for name, value in per_class.items()}
-
-
-def zero_shot_weights(
-    embed_text: Callable[[list[str]], Tensor],
-    class_names: Sequence[str],
-    templates: Sequence[str | Callable[[str], str]],
-) -> Tensor:
-    """(C, E) zero-shot classifier weights by template ensembling, as open_clip builds them.
-
-    Every class name is written into every template; each prompt's text embedding is normalised, the
-    embeddings of one class are averaged, and the average is normalised again. Scores of an item are then
-    the dot products of its unit embedding with these rows.
-
-    Args:
-        embed_text: texts -> (len(texts), E) embeddings, e.g. `lambda texts: model.embed(text=texts)`.
-        class_names: the C classes.
-        templates: prompts with a "{}" where the class name goes (e.g. "a photo of a {}."), or functions
-            from a class name to a prompt.
-
-    Raises:
-        InputError: no classes, no templates, a string template without "{}", or embeddings of the wrong shape.
-    """
-    if not len(class_names):
-        raise InputError("class_names is empty: zero-shot classification needs at least one class")
-    if not len(templates):
-        raise InputError("templates is empty: zero-shot classification needs at least one prompt template")
-    for i, template in enumerate(templates):
-        if isinstance(template, str) and "{}" not in template:
-            raise InputError(f'templates[{i}] {template!r} has no "{{}}" for the class name')
-        if not isinstance(template, str) and not callable(template):
-            raise InputError(f"templates[{i}] must be a string or a function, got {type(template).__name__}")
-    prompts = [t.format(c) if isinstance(t, str) else t(c) for c in class_names for t in templates]
-    embeddings = matrix("the text embeddings", embed_text(prompts), rows=len(prompts))  # (C * T, E)
-    embeddings = torch.nn.functional.normalize(embeddings, dim=-1).view(len(class_names), len(templates), -1)
-    return torch.nn.functional.normalize(embeddings.mean(dim=1), dim=-1)

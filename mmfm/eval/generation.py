@@ -25,8 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 from mmfm.errors import InputError
-from mmfm.eval.checks import check_lengths
-from mmfm.eval.classification import matrix
+from mmfm.eval.checks import check_lengths, matrix
 from mmfm.text_generation import finite_number
 
 

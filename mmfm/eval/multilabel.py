@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mmfm.errors import InputError
-from mmfm.eval.classification import matrix
+from mmfm.eval.checks import matrix
 
 
 def average_precision(

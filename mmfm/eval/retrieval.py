@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from mmfm.errors import InputError
-from mmfm.eval.classification import class_indices, cutoffs, matrix
+from mmfm.eval.checks import class_indices, cutoffs, matrix
 
 CHUNK = 1024  # queries scored at once: a (CHUNK, candidates) block of similarities at a time
 
