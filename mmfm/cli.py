@@ -228,13 +228,23 @@ current step with a checkpoint; the exit code is then 128 + the signal number.
 
 _EVAL_EPILOG = """\
 examples:
-  mmfm eval --model runs/demo/final --data data/digits/val.jsonl
+  mmfm eval --model runs/demo/final --data data/digits/val.jsonl --out runs/demo/eval
   mmfm eval --model runs/demo/final --data data/digits/val.jsonl --samples 5 --out metrics.json
+  mmfm eval --model runs/demo/final --data data/digits/val.jsonl --metrics bleu,cider_d,recall
+  mmfm eval --model clip/ --data photos/ --labels cat,dog        zero-shot over photos/cat/, photos/dog/
+  mmfm eval --compare runs/a/eval runs/b/eval --out runs/compare
   mmfm eval --model mmfm-test --data data/digits/val.jsonl   a preset: random weights, chance-level metrics
 
---model takes what the inference commands take. The tasks come from --config, else from the run folder's
-train_config.yaml, else from the model's heads and the manifest's fields. Prints one `name: value` line
-per metric.
+--data is a JSONL manifest or a class folder (DIR/<class>/*.png or *.wav: zero-shot classification through
+the contrastive head's prompt templates, with --labels or every folder name). A manifest's tasks come from
+--config, else from the run folder's train_config.yaml, else from the model's heads and the manifest's
+fields. Prints one `name: value` line per metric; --out DIR writes eval.json (every number, the settings,
+sha256 fingerprints of the model and the data, the mmfm version), eval.md (a table per task) and PNG
+figures; --out FILE.json writes the JSON alone. --compare prints every metric of several eval.json files
+(or folders holding one) side by side with the deltas against the first; "-" marks a metric a run lacks.
+
+metrics (--metrics, comma-separated; default: all):
+{metrics}
 """
 
 
@@ -434,19 +444,47 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", metavar="CONFIG", help="a training recipe (YAML), e.g. configs/train/demo.yaml")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe fields to change (optim.lr=3e-4)")
 
-    summary = "Compute held-out metrics of a model on a manifest."
-    evaluate = command("eval", summary, _EVAL_EPILOG, _eval)
-    evaluate.add_argument("--model", required=True, metavar="MODEL", help=_MODEL_HELP)
-    evaluate.add_argument("--data", required=True, metavar="MANIFEST", help="a JSONL manifest of held-out examples")
+    summary = "Compute a model's standard metrics on a manifest or a class folder, or compare evaluations."
+    evaluate = command("eval", summary, _eval_epilog(), _eval)
+    evaluate.add_argument("--model", metavar="MODEL", help=_MODEL_HELP)
     evaluate.add_argument(
-        "--config", metavar="RECIPE", help="take the tasks from this training recipe (default: the run's own)"
+        "--data", metavar="MANIFEST|DIR", help="a JSONL manifest of held-out examples, or a class folder DIR/<class>/"
+    )
+    labels = evaluate.add_mutually_exclusive_group()
+    labels.add_argument("--labels", metavar="A,B,C", help="a class folder's classes (folder names; default: all)")
+    labels.add_argument("--labels-file", metavar="FILE", help="the same, one per line (blank lines skipped)")
+    evaluate.add_argument("--metrics", metavar="LIST", help="comma-separated metric names to compute (default: all)")
+    evaluate.add_argument(
+        "--config",
+        "--recipe",
+        metavar="RECIPE",
+        help="take the tasks from this recipe (default: the run's own)",
     )
     evaluate.add_argument(
         "--samples", type=_natural, default=0, metavar="N", help="also print N sample outputs per task"
     )
     evaluate.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="default: 64")
+    evaluate.add_argument("--seed", type=int, default=0, metavar="S", help="seeds every random draw (default: 0)")
     evaluate.add_argument(
-        "--out", metavar="FILE.json", help="also write the metrics as JSON (its folder is created if missing)"
+        "--judge",
+        choices=("auto", "digits", "none"),
+        default="auto",
+        help="what reads generated images (default: auto, the digits judge when every label is a digit)",
+    )
+    evaluate.add_argument(
+        "--images-per-class",
+        type=_natural,
+        default=10,
+        metavar="N",
+        help="images generated per label for each image_gen task (default: 10; 0: none)",
+    )
+    evaluate.add_argument(
+        "--out",
+        metavar="DIR|FILE.json",
+        help="write eval.json, eval.md and figures into DIR, or the JSON alone to FILE.json (created if missing)",
+    )
+    evaluate.add_argument(
+        "--compare", nargs="+", metavar="RUN", help="compare eval.json files (or folders holding one) side by side"
     )
 
     summary = "Convert weights of another library (timm, open_clip, Hugging Face, AST, ...) into an mmfm checkpoint."
@@ -1020,19 +1058,53 @@ def _train(args: argparse.Namespace) -> None:
         print(f"model: {final}")
 
 
-def _eval(args: argparse.Namespace) -> None:
-    from mmfm.train.evaluate import evaluate_manifest, prepare_output
+def _eval_epilog() -> str:
+    from mmfm.eval.report import METRICS
 
-    if args.out:
-        prepare_output(args.out, "--out")  # before the model loads; evaluate_manifest checks again before computing
+    return _EVAL_EPILOG.format(metrics="\n".join(f"  {name:16}{meaning}" for name, meaning in METRICS.items()))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from mmfm.eval.report import compare_runs, prepare_output, write_report
+    from mmfm.eval.run import evaluate_data
+
+    if args.compare:
+        given = [
+            f"--{o.replace('_', '-')}"
+            for o in ("model", "data", "labels", "labels_file", "metrics")
+            if getattr(args, o)
+        ]
+        if given:
+            raise InputError(f"--compare reads finished evaluations; it takes no {', '.join(given)}")
+        print(compare_runs(args.compare, args.out), end="")
+        return
+    missing = [f"--{o}" for o in ("model", "data") if getattr(args, o) is None]
+    if missing:
+        raise InputError(f"mmfm eval needs {' and '.join(missing)} (or --compare RUN RUN ... to compare evaluations)")
+    if args.out:  # checked before the model loads: a bad path fails at once
+        prepare_output(args.out, "--out", folder=not args.out.endswith(".json"))
     model = _open_model(args, device=None, dtype=None)
-    metrics, samples = evaluate_manifest(
-        args.model, args.data, args.config, args.batch_size, args.samples, model=model, out=args.out
+    run = evaluate_data(
+        model,
+        args.data,
+        model_name=args.model,
+        recipe=args.config,
+        labels=_read_labels(args.labels, args.labels_file),
+        metrics=args.metrics,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        samples=args.samples,
+        judge=args.judge,
+        images_per_class=args.images_per_class,
+        progress=sys.stderr.isatty(),
     )
-    for name, value in metrics.items():
+    for name, value in run.metrics.items():
         print(f"{name}: {value:.4f}")
-    for line in samples:
+    for line in run.samples:
         print(line.translate(_LINE_ESCAPES))
+    if args.out:
+        written = write_report(run, args.out)
+        print(f"mmfm: wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
 
 
 # ---- helpers ----

@@ -22,9 +22,9 @@ import mmfm
 from mmfm.chat_format import ChatFormat, check_messages, pack
 from mmfm.data import Collator, ManifestDataset
 from mmfm.errors import InputError
+from mmfm.eval.run import evaluate_data
 from mmfm.train.chat_eval import is_correct, normalize_answer
 from mmfm.train.config import TrainConfig
-from mmfm.train.evaluate import evaluate_manifest
 from mmfm.train.finetune import load_adapter
 from mmfm.train.trainer import Trainer
 
@@ -376,7 +376,7 @@ def test_a_few_seconds_of_training_make_the_reply_follow_the_image(tmp_path, dig
     )
     right = [reply.strip() == item["messages"][1]["content"] for reply, item in zip(replies, items)]
     assert sum(right) >= 14, replies  # of 16 held-out images, half dark and half light
-    metrics, _ = evaluate_manifest(final, digits_like / "val.jsonl")  # what `mmfm eval` reports
+    metrics = evaluate_data(final, digits_like / "val.jsonl").metrics  # what `mmfm eval` reports
     assert metrics["val/chat/reply_accuracy"] == metrics["val/chat/reply_accuracy/shade"] == sum(right) / len(right)
 
 

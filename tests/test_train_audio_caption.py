@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader
 
 import mmfm
 from mmfm.data import Collator, ManifestDataset
+from mmfm.eval.run import evaluate_data
 from mmfm.train.config import TaskConfig
-from mmfm.train.evaluate import evaluate, evaluate_manifest
+from mmfm.train.evaluate import evaluate
 from mmfm.train.objectives import build_objective
 
 
@@ -77,5 +78,5 @@ def test_eval_without_a_recipe_finds_the_audio_task_of_sounds_with_audio_caption
     sounds = [{"audio": str(tiny_digits / x["audio"]), "audio_caption": x["audio_caption"]} for x in lines]
     manifest = tmp_path / "sounds.jsonl"
     manifest.write_text("".join(json.dumps(x) + "\n" for x in sounds))
-    metrics, _ = evaluate_manifest(tmp_path / "no-model", manifest, model=model)
+    metrics = evaluate_data(model, manifest, model_name=str(tmp_path / "no-model")).metrics
     assert {k for k in metrics if k.endswith("/exact_match")} == {"val/audio_caption/exact_match"}

@@ -5,6 +5,7 @@ nothing the run wrote is lost."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -16,12 +17,13 @@ import yaml
 import mmfm
 from mmfm.cli import main
 from mmfm.data import ManifestDataset
-from mmfm.errors import CheckpointError, ConfigError, InputError
+from mmfm.errors import CheckpointError, ConfigError
+from mmfm.eval import run as run_module
+from mmfm.eval.report import write_report
+from mmfm.eval.run import evaluate_data
 from mmfm.train import TrainConfig, train
-from mmfm.train import evaluate as evaluate_module
 from mmfm.train import trainer as trainer_module
 from mmfm.train.checkpointing import STATE_NAME, list_checkpoints, load_trainer_state
-from mmfm.train.evaluate import evaluate_manifest
 from mmfm.train.trainer import Trainer
 
 CAPTION_ONLY = [{"name": "cap", "objective": "caption", "inputs": ["image"]}]
@@ -186,42 +188,46 @@ def test_eval_gives_the_same_metrics_twice_and_leaves_the_callers_rng_alone(gen_
     model = mmfm.load(model_dir)
     manifest = tiny_digits / "val.jsonl"
     torch.manual_seed(1)
-    first, _ = evaluate_manifest(model_dir, manifest, recipe, model=model)
+    first = evaluate_data(model, manifest, model_name=str(model_dir), recipe=recipe).metrics
     after_first = torch.rand(1)
-    second, _ = evaluate_manifest(model_dir, manifest, recipe, model=model)
+    second = evaluate_data(model, manifest, model_name=str(model_dir), recipe=recipe).metrics
     assert "val/gen/loss" in first
     assert first == second  # the diffusion noise and timesteps are drawn from the same seed each time
     torch.manual_seed(1)
     assert torch.equal(torch.rand(1), after_first)  # the caller's stream is as if nothing had been evaluated
-    other, _ = evaluate_manifest(model_dir, manifest, recipe, model=model, seed=1)
+    other = evaluate_data(model, manifest, model_name=str(model_dir), recipe=recipe, seed=1).metrics
     assert other["val/gen/loss"] != first["val/gen/loss"]
 
 
 def test_eval_out_in_a_missing_folder_is_created_and_a_bad_out_fails_before_computing(
-    gen_model, tiny_digits, tmp_path, monkeypatch
+    gen_model, tiny_digits, tmp_path, monkeypatch, capsys
 ):
     model_dir, recipe = gen_model
     model = mmfm.load(model_dir)
     manifest = tiny_digits / "val.jsonl"
     out = tmp_path / "new" / "deeper" / "metrics.json"
-    metrics, _ = evaluate_manifest(model_dir, manifest, recipe, model=model, out=out)
-    assert json.loads(out.read_text()) == metrics
+    run = evaluate_data(model, manifest, model_name=str(model_dir), recipe=recipe)
+    write_report(run, out)
+    assert json.loads(out.read_text())["metrics"] == run.metrics
     assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]  # no temporary file left beside it
 
     def no_work(*args, **kwargs):
         raise AssertionError("metrics were computed although --out cannot be written")
 
-    monkeypatch.setattr(evaluate_module, "evaluate", no_work)
+    monkeypatch.setattr(run_module, "evaluate_tasks", no_work)
     blocker = tmp_path / "file.txt"
     blocker.write_text("keep me")
+    (tmp_path / "folder.json").mkdir()
     cases = [
-        (tmp_path / "new", rf"out {tmp_path / 'new'}: cannot write the metrics \(it is a folder; name a file\)"),
-        (blocker / "metrics.json", rf"out {blocker / 'metrics.json'}: .* \({blocker} is a file, not a folder\)"),
+        (tmp_path / "folder.json", rf"--out {tmp_path / 'folder.json'}: cannot write the metrics \(it is a folder"),
+        (blocker, rf"--out {blocker}: cannot write the report \(it is a file; name a folder, or a file ending"),
+        (blocker / "metrics.json", rf"--out {blocker / 'metrics.json'}: .* \({blocker} is a file, not a folder\)"),
     ]
+    args = ["eval", "--model", str(model_dir), "--data", str(manifest), "--config", str(recipe), "--out"]
     for bad, problem in cases:
         start = time.perf_counter()
-        with pytest.raises(InputError, match=problem):
-            evaluate_manifest(model_dir, manifest, recipe, model=model, out=bad)
+        assert main([*args, str(bad)]) == 2
+        assert re.search(problem, capsys.readouterr().err)
         assert time.perf_counter() - start < 1
     assert blocker.read_text() == "keep me"
 

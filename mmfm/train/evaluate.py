@@ -1,12 +1,19 @@
-"""Held-out metrics per task: caption exact match and token accuracy, classification accuracy, retrieval R@1.
+"""Held-out metrics per task, with the standard metrics of `mmfm.eval`; used by training and by `mmfm eval`.
 
-- caption exact match: the greedy caption equals one of the example's reference captions (after stripping
-  surrounding spaces; a task over `[audio]` compares with the audio captions where an example has them, as it
-  trains on them); token accuracy: teacher-forced argmax predictions that equal the next caption token.
-- classification accuracy: the trained head's top class is the example's label.
-- retrieval R@1, both directions: the nearest neighbour (by embedding dot product) among the held-out
-  examples is a match - the same example, or, when examples carry labels, any example with the same label
-  (digits has ten captions shared by many images, so "the same label" is what a correct retrieval means).
+Every metric is reported as `val/<task>/<key>`; `mmfm.eval.report.METRICS` names the metrics and their keys:
+
+- caption: BLEU-1..4, CIDEr-D and ROUGE-L of the greedy caption against all of the example's references (COCO's
+  PTB tokenisation, as pycocoevalcap scores them), exact match (the greedy caption equals one of the references
+  after stripping surrounding spaces), and token accuracy (teacher-forced argmax predictions that equal the next
+  caption token). A task over `[audio]` compares with the audio captions where an example has them, as it trains
+  on them.
+- classify: top-1 and top-5 accuracy of the trained head, accuracy per class (`accuracy/<class>`) and the
+  confusion matrix (kept in `Evaluation.confusion`, for the report's figure).
+- contrastive: R@1/5/10 and median rank in both directions over the held-out examples, where a hit is the paired
+  item: every reference caption of an example is a text of that example's media item (an image with five
+  captions has five texts; a text's only right answer is its own image). `label_r1_...` etc. count a hit when the
+  neighbour has the same label instead (digits has ten distinct captions shared by many images), on examples that
+  all carry labels.
 - chat: the greedy reply to each held-out conversation is right (`mmfm.train.chat_eval`), overall and per
   question family.
 - every task also reports its held-out loss.
@@ -14,41 +21,84 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from mmfm.chat_format import chat_format_of
 from mmfm.config import MEDIA_MODALITIES, build_dataclass, quote, read_yaml_mapping
-from mmfm.data import Batch, Collator, EpochSampler, ManifestDataset
-from mmfm.errors import ConfigError, InputError
+from mmfm.data import Batch, ManifestDataset
+from mmfm.errors import ConfigError
+from mmfm.eval.captions import caption_metrics
+from mmfm.eval.classification import classification_metrics, confusion_matrix
+from mmfm.eval.report import CAPTION_GENERATED, METRICS, metric_name
+from mmfm.eval.retrieval import label_recall, retrieval_metrics
 from mmfm.heads.caption import CaptionObjective, ChatObjective
 from mmfm.heads.classify import ClassifyObjective
 from mmfm.heads.contrastive import ContrastiveObjective
 from mmfm.objective import Objective, media_of
-from mmfm.pipelines import caption_tensors
+from mmfm.pipelines import caption_tensors, embed
 from mmfm.train.chat_eval import reply_metrics
 from mmfm.train.config import TaskConfig
-from mmfm.train.objectives import build_objective
 
 RECIPE_NAME = "train_config.yaml"  # what `mmfm train` writes into the run folder
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate_tasks` measured.
+
+    Attributes:
+        metrics: {"val/<task>/<key>": value}.
+        confusion: per classify task, (class names, (C, C) long matrix with the true class as rows).
+    """
+
+    metrics: dict[str, float]
+    confusion: dict[str, tuple[list[str], Tensor]] = field(default_factory=dict)
 
 
 def evaluate(
     model, objectives: dict[str, Objective], loader: DataLoader, max_new_tokens: int = 32, seed: int | None = 0
 ) -> dict[str, float]:
-    """Runs every objective's metrics over the loader's batches; returns {"val/<task>/<metric>": value}.
+    """Every objective's held-out metrics over the loader's batches: {"val/<task>/<metric>": value}.
+
+    See `evaluate_tasks`, which this calls with every metric and no progress bar.
+    """
+    return evaluate_tasks(model, objectives, loader, max_new_tokens, seed).metrics
+
+
+def evaluate_tasks(
+    model,
+    objectives: dict[str, Objective],
+    loader: DataLoader,
+    max_new_tokens: int = 32,
+    seed: int | None = 0,
+    metrics: frozenset[str] | None = None,
+    progress: bool = False,
+) -> Evaluation:
+    """Runs every objective's metrics over the loader's batches (see the module docstring).
 
     Objectives that draw random numbers (the diffusion noise and timesteps of image_gen) draw them from torch's
     RNG seeded with `seed`, inside `torch.random.fork_rng`: the same model and data give the same metrics every
     time, and the caller's RNG stream (a training run's) is left as it was. `seed=None` uses the RNG as it is.
+
+    Args:
+        model: the model, evaluated in eval mode (its mode is restored afterwards).
+        objectives: {task name: objective}.
+        loader: held-out batches (`mmfm.data.Collator` batches of a `ManifestDataset`).
+        max_new_tokens: the longest generated caption or reply.
+        seed: see above.
+        metrics: the `mmfm.eval.report.METRICS` names to compute and report; None for all. Work that only
+            unselected metrics need (generating captions, embedding every reference, the losses) is skipped.
+        progress: show a progress bar over the batches.
     """
+    wanted = frozenset(METRICS) if metrics is None else metrics
     if seed is None:
-        return _evaluate(model, objectives, loader, max_new_tokens)
+        return _evaluate(model, objectives, loader, max_new_tokens, wanted, progress)
     device = torch.device(model.device)
     cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
@@ -56,165 +106,120 @@ def evaluate(
         for index in cuda:
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(seed)
-        return _evaluate(model, objectives, loader, max_new_tokens)
+        return _evaluate(model, objectives, loader, max_new_tokens, wanted, progress)
+
+
+class _Collected:
+    """What the batches leave for the metrics computed over the whole split."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+        self.captions: dict[str, tuple[list[str], list[list[str]]]] = defaultdict(lambda: ([], []))
+        self.logits: dict[str, tuple[list[Tensor], list[Tensor]]] = defaultdict(lambda: ([], []))
+        self.retrieval: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        self.conversations: dict[str, list[int]] = defaultdict(list)  # chat task -> its conversations' indices
+
+    def add(self, key: str, total: float, count: float) -> None:
+        self.sums[key] += total
+        self.counts[key] += count
 
 
 @torch.no_grad()
-def _evaluate(model, objectives: dict[str, Objective], loader: DataLoader, max_new_tokens: int) -> dict[str, float]:
+def _evaluate(model, objectives, loader: DataLoader, max_new_tokens: int, wanted, progress: bool) -> Evaluation:
     was_training = model.training
     model.eval()
-    sums: dict[str, float] = defaultdict(float)
-    counts: dict[str, float] = defaultdict(float)
-    retrieval: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    conversations: dict[str, list[int]] = defaultdict(list)  # chat task -> dataset indices of its conversations
-    for batch in loader:
+    seen = _Collected()
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress):
         batch = batch.to(model.device)
         for name, objective in objectives.items():
             rows = objective.rows(batch)
-            if not rows.any():
-                continue
-            units = objective.units(batch)
-            sums[f"{name}/loss"] += float(objective.loss_sum(model, batch))
-            counts[f"{name}/loss"] += float(units)
-            if isinstance(objective, CaptionObjective):
-                _caption_metrics(model, objective, batch, rows, name, sums, counts, max_new_tokens)
-            elif isinstance(objective, ClassifyObjective):
-                logits = model.classify_logits(media_of(batch, objective.inputs, rows))
-                sums[f"{name}/accuracy"] += float((logits.argmax(-1) == batch.label[rows]).sum())
-                counts[f"{name}/accuracy"] += float(rows.sum())
-            elif isinstance(objective, ContrastiveObjective):
-                for m in objective.inputs:
-                    retrieval[name][m].append(objective.embeddings(model, batch, m, rows).float().cpu())
-                retrieval[name]["key"].append(_match_keys(batch, rows).cpu())
-            elif isinstance(objective, ChatObjective):
-                conversations[name] += batch.index[rows].tolist()
-    metrics = {f"val/{k}": sums[k] / counts[k] for k in sums if counts[k]}
-    for name, indices in conversations.items():
+            if rows.any():
+                _collect(model, name, objective, batch, rows, seen, wanted, max_new_tokens)
+    out = Evaluation({k: seen.sums[k] / seen.counts[k] for k in seen.sums if seen.counts[k]})
+    for name, (predictions, references) in seen.captions.items():
+        out.metrics.update({f"{name}/{k}": v for k, v in caption_metrics(predictions, references).items()})
+    for name, (logits, labels) in seen.logits.items():
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        classes = list(model.heads["classify"].labels)
+        out.metrics.update({f"{name}/{k}": v for k, v in classification_metrics(logits, labels, classes).items()})
+        out.confusion[name] = (classes, confusion_matrix(logits.argmax(-1), labels, len(classes)))
+    for name, indices in seen.conversations.items():
         replies, _ = reply_metrics(model, [loader.dataset[i] for i in indices], loader.batch_size, max_new_tokens)
-        metrics.update({f"val/{name}/{k}": v for k, v in replies.items()})
-    for name, parts in retrieval.items():
-        a_name, b_name = objectives[name].inputs
-        metrics.update(_recall_at_1(name, a_name, b_name, parts))
+        out.metrics.update({f"{name}/{k}": v for k, v in replies.items()})
+    for name, parts in seen.retrieval.items():
+        out.metrics.update(_retrieval(model, name, objectives[name].inputs, parts, wanted, loader.batch_size))
+    out.metrics = {f"val/{k}": v for k, v in out.metrics.items() if metric_name(k.partition("/")[2]) in wanted}
     model.train(was_training)
-    return metrics
+    return out
 
 
-def _caption_metrics(model, objective, batch: Batch, rows, name, sums, counts, max_new_tokens: int) -> None:
-    ids, mask = objective.target(batch, rows)
-    media = media_of(batch, objective.inputs, rows)
-    predicted = model.caption_logits(media, ids, mask)[:, :-1].argmax(-1)
-    real = mask[:, 1:]
-    sums[f"{name}/token_accuracy"] += float(((predicted == ids[:, 1:]) & real).sum())
-    counts[f"{name}/token_accuracy"] += float(real.sum())
-    if not objective.inputs:  # a text-only LM has nothing to caption
-        return
-    generated = caption_tensors(model, media, max_new_tokens=max_new_tokens)
-    references = objective.references(batch, rows)
-    sums[f"{name}/exact_match"] += sum(g.strip() in [r.strip() for r in refs] for g, refs in zip(generated, references))
-    counts[f"{name}/exact_match"] += len(generated)
+def _collect(model, name: str, objective: Objective, batch: Batch, rows: Tensor, seen, wanted, max_new_tokens):
+    if "loss" in wanted:
+        seen.add(f"{name}/loss", float(objective.loss_sum(model, batch)), float(objective.units(batch)))
+    if isinstance(objective, CaptionObjective):
+        if "token_accuracy" in wanted:
+            ids, mask = objective.target(batch, rows)
+            predicted = model.caption_logits(media_of(batch, objective.inputs, rows), ids, mask)[:, :-1].argmax(-1)
+            real = mask[:, 1:]
+            seen.add(f"{name}/token_accuracy", float(((predicted == ids[:, 1:]) & real).sum()), float(real.sum()))
+        if objective.inputs and wanted & CAPTION_GENERATED:  # a text-only LM has nothing to caption
+            media = media_of(batch, objective.inputs, rows)
+            predictions, references = seen.captions[name]
+            predictions += caption_tensors(model, media, max_new_tokens=max_new_tokens)
+            references += objective.references(batch, rows)
+    elif isinstance(objective, ClassifyObjective) and wanted & {"top1", "top5", "per_class"}:
+        logits, labels = seen.logits[name]
+        logits.append(model.classify_logits(media_of(batch, objective.inputs, rows)).float().cpu())
+        labels.append(batch.label[rows].cpu())
+    elif isinstance(objective, ContrastiveObjective) and wanted & {"recall", "median_rank", "label_recall"}:
+        parts = seen.retrieval[name]
+        for m in objective.inputs:
+            if m == "text":  # every reference caption, embedded once the split is read (see _retrieval)
+                parts["captions"] += [refs for refs, keep in zip(batch.captions, rows.tolist()) if keep]
+            else:
+                parts[m].append(objective.embeddings(model, batch, m, rows).float().cpu())
+        parts["label"].append(batch.label[rows].cpu())
+    elif isinstance(objective, ChatObjective) and "reply_accuracy" in wanted:
+        seen.conversations[name] += batch.index[rows].tolist()
 
 
-def _match_keys(batch: Batch, rows) -> torch.Tensor:
-    """Labels where every row has one (a retrieval is right if the labels agree), else the example index."""
-    labels = batch.label[rows]
-    return labels if bool((labels >= 0).all()) else -1 - batch.index[rows]
+def _retrieval(model, name: str, inputs: list[str], parts: dict[str, list], wanted, batch_size: int) -> dict:
+    """Recall@k and median rank where a hit is the paired item, and recall@k where a hit shares the label."""
+    labels = torch.cat(parts["label"])
+    if "text" in inputs:
+        media_name = next(m for m in inputs if m != "text")
+        names = (media_name, "text")
+        media = torch.cat(parts[media_name])
+        texts = [text for refs in parts["captions"] for text in refs]
+        owner = torch.tensor([i for i, refs in enumerate(parts["captions"]) for _ in refs])  # (T,)
+        unique = sorted(set(texts))  # digits' 1,795 references hold 50 distinct texts: embed each once
+        embedded = embed(model, text=unique, batch_size=batch_size).float()
+        where = {text: i for i, text in enumerate(unique)}
+        text_embeddings = embedded[torch.tensor([where[t] for t in texts])]  # (T, E)
+    else:
+        names = tuple(inputs)
+        media, text_embeddings = (torch.cat(parts[m]) for m in inputs)
+        owner = torch.arange(len(media))
+    out = {}
+    if wanted & {"recall", "median_rank"}:
+        out.update(retrieval_metrics(media, text_embeddings, owner, names=names))
+    if "label_recall" in wanted and bool((labels >= 0).all()):
+        out.update(label_recall(media, text_embeddings, labels, labels[owner], names=names))
+    return {f"{name}/{k}": v for k, v in out.items()}
 
 
-def _recall_at_1(name: str, a_name: str, b_name: str, parts: dict[str, list]) -> dict[str, float]:
-    a, b, keys = torch.cat(parts[a_name]), torch.cat(parts[b_name]), torch.cat(parts["key"])
-    sims = a @ b.T
-    a_to_b = (keys[sims.argmax(dim=1)] == keys).float().mean()
-    b_to_a = (keys[sims.argmax(dim=0)] == keys).float().mean()
-    return {f"val/{name}/r1_{a_name}_to_{b_name}": float(a_to_b), f"val/{name}/r1_{b_name}_to_{a_name}": float(b_to_a)}
+def tasks_for(model, dataset: ManifestDataset, model_dir: Path | None, recipe: str | Path | None) -> list[TaskConfig]:
+    """The tasks `mmfm eval` evaluates: from `recipe`, else from the run's recipe beside `model_dir`, else guessed.
 
-
-def evaluate_manifest(
-    model_dir: str | Path,
-    manifest: str | Path,
-    recipe: str | Path | None = None,
-    batch_size: int = 64,
-    samples: int = 0,
-    *,
-    model: torch.nn.Module | None = None,
-    out: str | Path | None = None,
-    seed: int = 0,
-) -> tuple[dict[str, float], list[str]]:
-    """`mmfm eval`: computes every task's metrics of a model on a manifest.
-
-    Tasks come from `recipe`, else from the run folder's `train_config.yaml` (found beside `RUN/final` or a
-    checkpoint), else from the model's heads and the fields the manifest has. Returns the metrics and up
-    to `samples` example outputs per caption and classification task, as printable lines.
-
-    Args:
-        model_dir: the saved model (`mmfm.load`), and where its run's recipe is looked for.
-        model: the model itself when the caller opened it already (a preset, a tag, ...); `model_dir` then
-            only names it, and a recipe is looked for beside it only when it is a path that exists.
-        out: also write the metrics there as JSON. Checked before anything is computed (its folder is
-            created; a folder in its place or an unwritable folder is an error), then written atomically, so
-            metrics are never lost to a bad path and an earlier file is never left half-written.
-        seed: seeds the random draws of the objectives that make them (`evaluate`): the same model and
-            manifest give the same metrics every time.
-
-    Raises:
-        InputError: `out` cannot be written.
-    """
-    from mmfm.loader import load
-
-    out_path = prepare_output(out) if out is not None else None
-    model = load(model_dir) if model is None else model
-    dataset = ManifestDataset(manifest, chat_format=chat_format_of(model))
-    tasks = _tasks_for(model, dataset, Path(model_dir), recipe)
-    objectives = {t.name: build_objective(t, model) for t in tasks}
-    collate = Collator.from_model(model)
-    sampler = EpochSampler(len(dataset), seed=0, shuffle=False)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
-    metrics = evaluate(model, objectives, loader, seed=seed)
-    if out_path is not None:
-        write_json_atomically(out_path, metrics)
-    return metrics, _samples(model, objectives, dataset, collate, samples) if samples else []
-
-
-def prepare_output(out: str | Path, name: str = "out") -> Path:
-    """The path `out` as a file that can be written: its folder is created, what stands in its way refused.
-
-    Args:
-        out: the file the metrics go to.
-        name: what errors call it (the CLI says "--out").
+    The run's recipe (`train_config.yaml`) is looked for beside `RUN/final` or a checkpoint folder. Without one,
+    the tasks follow the model's heads and the fields the manifest has.
 
     Raises:
-        InputError: `out` is a folder (or not a regular file), a file stands where a folder of its path
-            should be, or the folder cannot be written; the message names `out` and the reason.
+        ConfigError: `recipe` is missing or its tasks are not a list of tasks, or nothing in the manifest matches
+            a head of the model.
     """
-    path = Path(out)
-    where = f"{name} {out}: cannot write the metrics"
-    try:
-        if path.is_dir() or (path.exists() and not path.is_file()):
-            raise InputError(f"{where} ({'it is a folder; name a file' if path.is_dir() else 'not a regular file'})")
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except InputError:
-        raise
-    except (OSError, ValueError) as e:  # a file in place of a folder, no permission, a name too long, a NUL
-        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-        reason = f"{blocker} is a file, not a folder" if blocker else getattr(e, "strerror", None) or e
-        raise InputError(f"{where} ({reason})") from None
-    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InputError(f"{where} (the folder {path.parent} is not writable)")
-    return path
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    """Writes `data` as JSON to a temporary file beside `path`, then renames it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"out {path}: cannot write the metrics ({e.strerror or e})") from None
-
-
-def _tasks_for(model, dataset: ManifestDataset, model_dir: Path, recipe) -> list[TaskConfig]:
-    beside = [model_dir.parent / RECIPE_NAME, model_dir.parent.parent / RECIPE_NAME] if model_dir.exists() else []
+    beside = [model_dir.parent / RECIPE_NAME, model_dir.parent.parent / RECIPE_NAME] if model_dir else []
     for candidate in [Path(recipe)] if recipe else beside:
         if candidate.exists():
             tasks = read_yaml_mapping(candidate, "training recipe").get("tasks", [])
@@ -244,7 +249,8 @@ def _tasks_for(model, dataset: ManifestDataset, model_dir: Path, recipe) -> list
 
 
 @torch.no_grad()
-def _samples(model, objectives, dataset, collate, count: int) -> list[str]:
+def sample_lines(model, objectives: dict[str, Objective], dataset, collate, count: int) -> list[str]:
+    """Printable outputs of the first `count` examples, per caption, classify and chat task."""
     model.eval()
     batch = collate([dataset[i] for i in range(min(count, len(dataset)))]).to(model.device)
     lines = []
