@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mmfm.data import ManifestDataset
 from mmfm.train import TrainConfig, train
-from mmfm.train.evaluate import evaluate_manifest
+from mmfm.eval.run import evaluate_data
 
 TASKS = {
     "parity": (["even", "odd"], lambda digit: "odd" if digit % 2 else "even"),
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # "scratch" builds the pretrained model's architecture (its config.yaml) with random weights
     for name, start in (("pretrained", args.model), ("scratch", str(Path(args.model) / "config.yaml"))):
         final = train(recipe(start, labels, few, out / name, args.steps, args.shots, args.seed))
-        metrics, _ = evaluate_manifest(final, held_out, batch_size=128)
-        accuracy[name] = metrics["val/new_task/accuracy"]
+        metrics = evaluate_data(final, held_out, batch_size=128).metrics
+        accuracy[name] = metrics["val/new_task/top1"]
     print(f"task: {args.task}, {args.shots} labelled images per class, {len(ManifestDataset(held_out))} held out")
     for name, value in accuracy.items():
         print(f"held-out accuracy from {name:>10}: {value:.1%}")
