@@ -13,8 +13,6 @@ with running_server(folder, allowed_dirs=[media_folder]) as server:
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,7 +79,7 @@ def running_server(
     max_batch_size: int = 8,
     ui: bool = True,
 ) -> Iterator[RunningServer]:
-    """`mmfm serve` (its `create_server`) on a free localhost port, run by a background thread until the block ends.
+    """`mmfm serve` (its `create_server`) on a free localhost port, in a background thread until the block ends.
 
     Args:
         model: what `mmfm serve --model` takes (a folder, say).
@@ -90,23 +88,10 @@ def running_server(
         max_batch_size: most chat requests decoded together.
         ui: mount the Gradio app at "/".
     """
-    from mmfm.serve.server import create_server
+    from mmfm.serve.server import create_server, running_in_thread
 
     server = create_server(
         str(model), port=0, api_key=api_key, allowed_dirs=allowed_dirs, max_batch_size=max_batch_size, ui=ui
     )
-    thread = threading.Thread(target=server.run, name="mmfm-serve-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]  # port 0: the system chose a free one
-    engine = server.config.app.state.engine
-    try:
-        yield RunningServer(f"http://127.0.0.1:{port}", engine)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        engine.close()
+    with running_in_thread(server) as url:
+        yield RunningServer(url, server.config.app.state.engine)

@@ -104,14 +104,16 @@ def _router(engine: Engine) -> APIRouter:
         _check_model(engine, body.get("model"))
         _need(engine, "chat")
         _refuse_unsupported(body, n=1)
-        generation = _generation(body)
-        messages, images, audio = await run_in_threadpool(_conversation, engine, body.get("messages"))
+        generation, stream = _generation(body), _flag(body, "stream")
+
+        def answer() -> str | Iterator[str]:  # media decoding and the wait for the reply block: a server thread's
+            messages, images, audio = _conversation(engine, body.get("messages"))
+            return (engine.chat_stream if stream else engine.chat)(messages, images, audio, **generation)
+
         reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
-        stream = _flag(body, "stream")
-        pieces = await run_in_threadpool(engine.chat_stream, messages, images, audio, **generation)
+        text = await run_in_threadpool(answer)
         if stream:
-            return StreamingResponse(_events(pieces, reply), media_type="text/event-stream")
-        text = await run_in_threadpool("".join, pieces)
+            return StreamingResponse(_events(text, reply), media_type="text/event-stream")
         return {
             **reply,
             "object": "chat.completion",

@@ -69,6 +69,7 @@ class _ChatJob:
     prompt: tuple[EncodedConversation, dict[str, list[Tensor]]]
     config: GenerationConfig
     length: int  # prompt tokens, media included
+    whole: bool  # the reply is given in one piece when it ends (no thread wakes up for each piece)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # pieces, then _END or an exception
     abandoned: bool = False  # the reader stopped reading
 
@@ -127,7 +128,8 @@ class Engine:
         **generation: Any,
     ) -> str:
         """The reply to one conversation, as `model.chat(messages, images, audio, **generation)` gives it."""
-        return "".join(self.chat_stream(messages, images, audio, **generation))
+        job = self._chat_job(messages, images, audio, generation, whole=True)
+        return "".join(self._pieces(job))
 
     def chat_stream(
         self,
@@ -151,6 +153,12 @@ class Engine:
             InputError: the model cannot chat; a malformed conversation, media that do not match its placeholders
                 or cannot be loaded, a conversation too long to answer, a bad generation option.
         """
+        return self._pieces(self._chat_job(messages, images, audio, generation, whole=False))
+
+    def _chat_job(
+        self, messages: Any, images: Sequence[Any], audio: Sequence[Any], generation: dict[str, Any], whole: bool
+    ) -> _ChatJob:
+        """A checked, encoded conversation with its media loaded, queued for the worker."""
         if self._format is None:
             raise InputError(f"model {self.model_name!r} cannot chat: it needs a caption head and a chat template")
         model = self.model
@@ -158,9 +166,9 @@ class Engine:
         media = {"image": _listed(images, "images"), "audio": _listed(audio, "audio")}
         encoded = encode_conversation(self._format, messages, media)
         check_prompt_lengths(model, [len(encoded)], "conversation")
-        job = _ChatJob((encoded, process_conversation_media(model, media)), config, len(encoded))
+        job = _ChatJob((encoded, process_conversation_media(model, media)), config, len(encoded), whole)
         self._submit(job)
-        return self._pieces(job)
+        return job
 
     def caption(self, images: Sequence[Any] | None = None, audio: Sequence[Any] | None = None) -> list[str]:
         """One caption per image or clip (`model.caption`)."""
@@ -304,12 +312,18 @@ class Engine:
                 return
             started = start_processed(self.model, [j.prompt for j in batch], config)
             stops, limits = [j.config.stop for j in batch], [j.config.max_new_tokens for j in batch]
+            held = [""] * len(batch)  # the replies of jobs that take theirs whole
             for step in stream_rows(self.model, started, stops, limits):
                 for row, piece, ended in step:
-                    if piece:
-                        batch[row].out.put(piece)
+                    job = batch[row]
+                    if job.whole:
+                        held[row] += piece
+                    elif piece:
+                        job.out.put(piece)
                     if ended:
-                        batch[row].out.put(_END)
+                        if job.whole:
+                            job.out.put(held[row])
+                        job.out.put(_END)
                 if all(j.abandoned for j in batch):
                     return
         except Exception as error:  # the callers' error, not the worker's: it keeps serving

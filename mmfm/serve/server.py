@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hmac
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,32 @@ def create_server(
     app = build_app(engine, ui=ui)
     config = uvicorn.Config(app_with_key(app, api_key), host=host, port=port, log_level="warning")
     return uvicorn.Server(config)
+
+
+@contextmanager
+def running_in_thread(server: Any, timeout: float = 60.0) -> Iterator[str]:
+    """Runs a `create_server` server in a background thread for the length of a `with` block (a notebook, a test,
+    a benchmark), yielding its base URL; then stops it and closes its engine.
+
+    Raises:
+        RuntimeError: the server did not start within `timeout` seconds (its port taken, say).
+    """
+    thread = threading.Thread(target=server.run, name="mmfm-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            server.config.app.state.engine.close()
+            raise RuntimeError(f"the server on {server.config.host}:{server.config.port} did not start")
+        time.sleep(0.01)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]  # the port the system chose for port 0
+    try:
+        yield f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout)
+        server.config.app.state.engine.close()
 
 
 def build_app(engine: Engine, ui: bool = True) -> Any:
