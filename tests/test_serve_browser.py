@@ -161,6 +161,7 @@ def test_a_broken_upload_shows_an_error_and_the_app_keeps_working(page, served, 
     assert "image" in toast.inner_text().lower()
     page.screenshot(path=shots / "broken_upload.png")
     assert page.locator("#chat-log [data-testid=bot]").count() == 0  # the refused turn is not in the conversation
+    page.locator(".toast-close").click()
 
     page.locator("#chat-new").click()
     _send(page, "What is in this picture?", media["b"])
@@ -187,7 +188,7 @@ def test_search_ranks_the_embedded_folder_by_a_text(page, served, shots):
     assert [r[1] for r in shown] == [name for _, name in ranked]
     assert [float(r[3]) for r in shown] == pytest.approx([s for s, _ in ranked], abs=1e-4)
     expect(page.locator("#search-gallery img")).to_have_count(3, timeout=TIMEOUT_MS)  # thumbnails of the images
-    page.screenshot(path=shots / "search.png")
+    page.screenshot(path=shots / "search.png", full_page=True)
 
 
 def test_generate_shows_the_images_asked_for(page, shots):
