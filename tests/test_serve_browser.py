@@ -1,6 +1,7 @@
 """`mmfm serve`'s web app in a real browser: headless Chromium (Debian's, driven by Playwright) opens the page the
-server serves, chats about an uploaded image over two turns, captions and classifies, and sees a broken upload
-refused in the page while the app carries on. What the page shows is what the model answers for the same input.
+server serves, chats about an uploaded image over two turns, captions, classifies, searches a folder, generates
+images, and sees a broken upload refused in the page while the app carries on. What the page shows is what the
+model answers for the same input.
 
 Chromium is /usr/bin/chromium (`MMFM_CHROMIUM` names another); Playwright never downloads a browser. When it cannot
 start, the tests are skipped, or fail where `MMFM_REQUIRE_BROWSER=1` (CI, whose `.ci/run` installs Chromium).
@@ -22,7 +23,7 @@ from mmfm.serve.ui import build_ui
 from tests.serve_support import running_server, tiny_serve_model, write_media
 
 CHROMIUM = os.environ.get("MMFM_CHROMIUM", "/usr/bin/chromium")
-# This machine's network is closed: without these, Chromium waits on connections it tries at start.
+# Where the network is closed (CI, sandboxes), Chromium without these waits on connections it tries at start.
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
