@@ -19,6 +19,7 @@ import functools
 import html
 import inspect
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
@@ -197,18 +198,13 @@ def _search_tab(engine: Engine) -> None:
         found += [(path, _modality(path)) for path in files or []]
         if not found:
             raise InputError("name a folder or upload files to embed")
-        vectors = torch.empty(len(found), 0)
-        for modality in MEDIA_MODALITIES:
-            rows = [i for i, (_, m) in enumerate(found) if m == modality]
-            if rows:
-                embedded = engine.embed(**{MEDIA[modality].argument: [found[i][0] for i in rows]})
-                if not vectors.shape[1]:
-                    vectors = torch.zeros(len(found), embedded.shape[1])
-                vectors[rows] = embedded.float()
-        kinds = ", ".join(
-            f"{sum(m == k for _, m in found)} {k}" for k in MEDIA_MODALITIES if any(m == k for _, m in found)
-        )
-        return {"files": found, "vectors": vectors}, f"Embedded {len(found)} files ({kinds})."
+        found.sort(key=lambda item: MEDIA_MODALITIES.index(item[1]))  # grouped by modality, each group in order
+        kinds = Counter(modality for _, modality in found)  # in MEDIA_MODALITIES order, as found is now
+        vectors = torch.cat(
+            [engine.embed(**{MEDIA[m].argument: [p for p, k in found if k == m]}).float() for m in kinds]
+        )  # (N, E), row i is found[i]
+        summary = ", ".join(f"{n} {m}" for m, n in kinds.items())
+        return {"files": found, "vectors": vectors}, f"Embedded {len(found)} files ({summary})."
 
     @_page_errors
     def search(state: dict | None, text: str, image_path: str | None, sound_path: str | None, k: float):
