@@ -20,8 +20,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from mmfm.chat_format import ChatFormat, ChatInputs, check_media_counts, check_messages, pack
+from mmfm.chat_format import (
+    ChatFormat,
+    ChatInputs,
+    EncodedConversation,
+    check_media_counts,
+    check_messages,
+    pack,
+)
 from mmfm.config import DEFAULT_BATCH_SIZE, MEDIA_MODALITIES
 from mmfm.data.collate import process_media
 from mmfm.errors import InputError
@@ -81,34 +89,60 @@ def chat(
                     f"{m} must hold one list per conversation: {len(conversations)} conversations, {len(value)} lists"
                 )
     chat_format = ChatFormat.from_model(model)
-    prompts = []
-    for i, (conversation, items) in enumerate(zip(conversations, media)):
-        what = "messages" if single else f"messages[{i}]"
-        turns = check_messages(conversation, what)
-        check_media_counts(turns, {m: len(v) for m, v in items.items()}, what)
-        prompts.append((chat_format.encode(turns, generation_prompt=True, what=what), items))
+    prompts = [
+        (encode_conversation(chat_format, conversation, items, "messages" if single else f"messages[{i}]"), items)
+        for i, (conversation, items) in enumerate(zip(conversations, media))
+    ]
     check_prompt_lengths(model, [len(encoded) for encoded, _ in prompts], "conversation")
     return respond(
         model, prompts, _start, config, stream=stream, batch_size=batch_size, progress=progress, single=single
     )
 
 
+def encode_conversation(
+    chat_format: ChatFormat, messages: Any, media: Mapping[str, Sequence[Any]], what: str = "messages"
+) -> EncodedConversation:
+    """One conversation checked against its media (one item per placeholder) and encoded with its assistant turn
+    opened, as `chat` answers it.
+
+    Raises:
+        InputError: a malformed conversation, or placeholders that do not match the media given.
+    """
+    turns = check_messages(messages, what)
+    check_media_counts(turns, {m: len(v) for m, v in media.items()}, what)
+    return chat_format.encode(turns, generation_prompt=True, what=what)
+
+
+def process_conversation_media(model: MultimodalModel, media: Mapping[str, Sequence[Any]]) -> dict[str, list[Tensor]]:
+    """One conversation's media items loaded and processed: {modality: [processed item, ...]}.
+
+    Raises:
+        InputError: an item that cannot be loaded, named by modality and position.
+    """
+    return {
+        m: [process_media(m, model.processors[m], value, index) for index, value in enumerate(values)]
+        for m, values in media.items()
+        if values
+    }
+
+
 @torch.no_grad()
-def _start(model: MultimodalModel, prompts: list, config: GenerationConfig) -> Started:
-    """The decoder primed with left-padded conversations whose media are loaded and processed now."""
-    processed = [
-        {
-            m: [process_media(m, model.processors[m], value, index) for index, value in enumerate(values)]
-            for m, values in items.items()
-            if values
-        }
-        for _, items in prompts
-    ]
-    inputs = pack([encoded for encoded, _ in prompts], processed, model.tokenizer.pad_id, padding_side="left")
+def start_processed(
+    model: MultimodalModel,
+    prompts: Sequence[tuple[EncodedConversation, Mapping[str, Sequence[Tensor]]]],
+    config: GenerationConfig,
+) -> Started:
+    """The decoder primed with left-padded encoded conversations and their processed media."""
+    inputs = pack([e for e, _ in prompts], [p for _, p in prompts], model.tokenizer.pad_id, padding_side="left")
     inputs = _on_model(inputs, model)
     seq = model.chat_sequence(inputs)
     prompt = inputs.ids.masked_fill(~inputs.mask | (inputs.blocks >= 0), -1)  # text of the prompt, for the penalty
     return start(model, seq, prompt, config)
+
+
+def _start(model: MultimodalModel, prompts: list, config: GenerationConfig) -> Started:
+    """The decoder primed with left-padded conversations whose media are loaded and processed now."""
+    return start_processed(model, [(e, process_conversation_media(model, items)) for e, items in prompts], config)
 
 
 def _on_model(inputs: ChatInputs, model: MultimodalModel) -> ChatInputs:

@@ -78,6 +78,7 @@ examples:
   mmfm generate-text --model llm/ "The capital of France is"    a continuation, streamed
   mmfm generate-text --model llm/ --chat                        a conversation on the terminal
   mmfm chat --model vlm/ --image cat.jpg                        a conversation about an image (or sound)
+  mmfm serve --model vlm/                           a web app and an OpenAI-compatible API on port 7860
   mmfm data digits data/digits/                     write the demo dataset: digits, tones, manifests
   mmfm data digits-chat data/chat/                  the chat demo's data: conversations about digits
   mmfm convert ast_dir/ out/ --from ast             weights of another library -> an mmfm checkpoint
@@ -211,6 +212,25 @@ telephone (DTMF) tones as OUT/tones/NNNNN.wav, and two kinds of manifests:
       one image or sound and its label a line, for pretraining the image and audio encoders
 Validation holds out 20% of the images, the voices, the tones and the question phrasings, and has
 the same number of conversations in every family. Running it again rewrites the files.
+"""
+
+
+_SERVE_EPILOG = """\
+examples:
+  mmfm serve --model vlm/                                   http://127.0.0.1:7860: the web app, and the API at /v1
+  mmfm serve --model vlm/ --allowed-dir ~/pictures          requests may name files in this folder
+  mmfm serve --model vlm/ --host 0.0.0.0 --api-key s3cret   reachable from other machines, behind a key
+  curl http://127.0.0.1:7860/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "NAME", "messages": [{"role": "user", "content": "Hello"}]}'
+
+One process serves the Gradio web app at "/" (a tab per thing the model can do: chat, caption, classify,
+search, generate) and an OpenAI-compatible API on the same port: POST /v1/chat/completions (streamed with
+"stream": true), /v1/embeddings, /v1/images/generations and GET /v1/models; the model's name is its
+config name (GET /v1/models). Chat requests that arrive together are answered in one batch of up to
+--max-batch-size. Requests read media from data: URLs, or from files inside an --allowed-dir (none by
+default). With --api-key (or MMFM_API_KEY in the environment) every request needs
+'Authorization: Bearer KEY'; a browser opens http://HOST:PORT/?api_key=KEY once and keeps a cookie.
+Binding anywhere but localhost prints a warning. Ctrl-C stops the server.
 """
 
 
@@ -439,6 +459,29 @@ def build_parser() -> argparse.ArgumentParser:
         stream="print each reply as it is decoded (default: unless --num-beams is above 1)",
     )
 
+    summary = "Serve a model: a web app and an OpenAI-compatible API on one port."
+    serve = command("serve", summary, _SERVE_EPILOG, _serve)
+    _add_model_options(serve)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine)"
+    )
+    serve.add_argument("--port", type=_port, default=7860, metavar="N", help="default: 7860; 0 picks a free one")
+    serve.add_argument(
+        "--max-batch-size",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="chat requests decoded together (default: 8)",
+    )
+    serve.add_argument("--api-key", metavar="KEY", help="require this key on every request (default: $MMFM_API_KEY)")
+    serve.add_argument(
+        "--allowed-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder requests may read files from; repeatable",
+    )
+
     summary = "Train or fine-tune a model from a YAML recipe (also one rank of a torchrun job)."
     train = command("train", summary, _TRAIN_EPILOG, _train)
     train.add_argument("config", metavar="CONFIG", help="a training recipe (YAML), e.g. configs/train/demo.yaml")
@@ -664,6 +707,13 @@ def _whole_number(minimum: int) -> Callable[[str], int]:
 
 
 _natural, _positive_int = _whole_number(0), _whole_number(1)
+
+
+def _port(text: str) -> int:
+    port = _natural(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {port}")
+    return port
 
 
 # ---- commands (each imports what it needs, so that parsing stays fast) ----
@@ -1048,6 +1098,16 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"mmfm: wrote {args.out} ({args.source} weights from {args.src})", file=sys.stderr)
     if fresh:
         print(f"mmfm: freshly initialised from {model.config.name}: {', '.join(fresh)}", file=sys.stderr)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from mmfm.serve.server import serve
+
+    for folder in args.allowed_dir:  # before the model loads
+        if not os.path.isdir(folder):
+            raise InputError(f"--allowed-dir {folder}: not a folder")
+    api_key = args.api_key or os.environ.get("MMFM_API_KEY")
+    serve(_open_model(args), args.host, args.port, None, None, args.max_batch_size, api_key, args.allowed_dir)
 
 
 def _train(args: argparse.Namespace) -> None:

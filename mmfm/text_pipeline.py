@@ -242,38 +242,64 @@ def _token_ids(model: MultimodalModel, started: Started) -> list[list[int]]:
 @torch.no_grad()
 def generate_batch(model: MultimodalModel, started: Started) -> list[str]:
     """The texts generated from a primed decoder (`start`), each cut at its first EOS or stop string."""
-    tok = model.tokenizer
     if not started.config.stop:
-        return [_text(tok, row) for row in _token_ids(model, started)]
-    state, config, prompt = started
-    eos = _eos_ids(model)
-    sampler = Sampler(state, config, eos, _suppressed(model), prompt)
-    texts = [_StoppingText(tok, config.stop) for _ in range(len(prompt))]
-    for tokens in sampler:
-        for i, token in enumerate(tokens.tolist()):
-            if not texts[i].done and texts[i].push(token, token in eos):
-                sampler.ended[i] = True  # a stop string: the row ends here
-    return [t.finish() for t in texts]
+        return [_text(model.tokenizer, row) for row in _token_ids(model, started)]
+    texts = [""] * len(started.prompt)
+    for step in stream_rows(model, started):
+        for row, piece, _ in step:
+            texts[row] += piece
+    return texts
 
 
 @torch.no_grad()
 def stream_text(model: MultimodalModel, started: Started) -> Iterator[str]:
     """The text generated from a primed decoder of one row (`start`), in pieces as they are decoded."""
+    for step in stream_rows(model, started):
+        for _, piece, _ in step:
+            if piece:
+                yield piece
+
+
+@torch.no_grad()
+def stream_rows(
+    model: MultimodalModel,
+    started: Started,
+    stops: Sequence[Sequence[str]] | None = None,
+    limits: Sequence[int] | None = None,
+) -> Iterator[list[tuple[int, str, bool]]]:
+    """Every row's text from a primed decoder (`start`), step by step: what a batch of streams reads.
+
+    Each decoding step yields `(row, piece, ended)` for every row still going: the text that became final at this
+    step ("" when none did; pieces never split a character) and whether the row ended here (an EOS, a stop string
+    or its token limit). A row is never named again after it ends; iteration stops when every row has ended.
+
+    Args:
+        model: the model.
+        started: the primed decoder; its config decides how tokens are chosen.
+        stops: each row's stop strings (default: the config's `stop` for every row).
+        limits: each row's most new tokens (default, and at most: the config's `max_new_tokens`).
+    """
     state, config, prompt = started
+    rows = len(prompt)
     eos = _eos_ids(model)
     sampler = Sampler(state, config, eos, _suppressed(model), prompt)
-    text = _StoppingText(model.tokenizer, config.stop)
-    for tokens in sampler:
-        token = int(tokens[0])
-        stopped = text.push(token, token in eos)
-        piece = text.take()
-        if piece:
-            yield piece
-        if stopped:
-            return
-    piece = text.finish()
-    if piece:
-        yield piece
+    texts = [_StoppingText(model.tokenizer, config.stop if stops is None else stops[i]) for i in range(rows)]
+    limits = [config.max_new_tokens] * rows if limits is None else [min(n, config.max_new_tokens) for n in limits]
+    going = [True] * rows
+    for count, tokens in enumerate(sampler, 1):
+        step = []
+        for i, token in enumerate(tokens.tolist()):
+            if not going[i]:
+                continue
+            ended = texts[i].push(token, token in eos) or count >= limits[i]
+            if ended:
+                going[i] = False
+                sampler.ended[i] = True  # a stop string or its limit: the row ends here
+            step.append((i, texts[i].finish() if ended else texts[i].take(), ended))
+        yield step
+    last = [(i, texts[i].finish(), True) for i in range(rows) if going[i]]  # max_new_tokens reached
+    if last:
+        yield last
 
 
 def _text(tokenizer: Any, ids: list[int]) -> str:
