@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 
 from mmfm.data import ManifestDataset
-from mmfm.train import TrainConfig, train
 from mmfm.eval.run import evaluate_data
+from mmfm.train import TrainConfig, train
 
 TASKS = {
     "parity": (["even", "odd"], lambda digit: "odd" if digit % 2 else "even"),
