@@ -6,7 +6,10 @@ For each digit 0-9 the model draws `--per-digit` images from the prompt "the dig
 each of `--per-digit` held-out telephone tones of that digit (sound), with DPM-Solver++ at `--steps` steps. A
 `DigitsJudge` (an SVM fitted on the real training images) reads every image: accuracy is the fraction read as the
 intended digit. Diversity is the mean pairwise RMS distance among one digit's images, averaged over digits, beside
-the same for as many real held-out images of each digit at the generated size.
+the same for as many real held-out images of each digit at the generated size. The scores are `mmfm eval`'s
+(`mmfm.eval.generation.generation_metrics`); `mmfm eval` itself, which `make demo` ends with, draws one digit per
+held-out caption and tone instead of from "the digit {d}", judges them with the built-in judge, and leaves out the
+real images' baseline and this side-by-side sheet.
 
 Writes OUT/generated.png (one row per digit: text samples, a grey gap, sound samples) and OUT/generation.json.
 """
