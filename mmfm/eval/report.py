@@ -41,7 +41,7 @@ METRICS = {
     "top5": "classify: top-5 accuracy (5 classes or more)",
     "per_class": "classify: accuracy/<class> per class, and the confusion matrix",
     "recall": "contrastive: r1/r5/r10_<a>_to_<b> both ways, a hit is the paired item",
-    "median_rank": "contrastive: median_rank_<a>_to_<b>, the paired item's 1-based rank",
+    "median_rank": "contrastive: median_rank_<a>_to_<b>, the paired item's expected 1-based rank (ties at random)",
     "label_recall": "contrastive: label_r1/r5/r10_<a>_to_<b>, a hit is a neighbour with the same label",
     "reply_accuracy": "chat: right replies, overall and reply_accuracy/<family>",
     "judged_accuracy": "image_gen (mmfm eval): generated images the judge reads as the item's label",
