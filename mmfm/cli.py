@@ -258,10 +258,11 @@ examples:
 --data is a JSONL manifest or a class folder (DIR/<class>/*.png or *.wav: zero-shot classification through
 the contrastive head's prompt templates, with --labels or every folder name). A manifest's tasks come from
 --config, else from the run folder's train_config.yaml, else from the model's heads and the manifest's
-fields. Prints one `name: value` line per metric; --out DIR writes eval.json (every number, the settings,
-sha256 fingerprints of the model and the data, the mmfm version), eval.md (a table per task) and PNG
-figures; --out FILE.json writes the JSON alone. --compare prints every metric of several eval.json files
-(or folders holding one) side by side with the deltas against the first; "-" marks a metric a run lacks.
+fields. Prints a table of the metrics, task by task (per-class accuracies as the lowest three); --out DIR
+writes eval.json (every number, the settings, sha256 fingerprints of the model and the data, the mmfm
+version), eval.md (a table per task) and PNG figures; --out FILE.json writes the JSON alone. --compare
+prints every metric of several eval.json files (or folders holding one) side by side with the deltas
+against the first; "-" marks a metric a run lacks.
 
 metrics (--metrics, comma-separated; default: all):
 {metrics}
@@ -1125,7 +1126,7 @@ def _eval_epilog() -> str:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from mmfm.eval.report import compare_runs, prepare_output, write_report
+    from mmfm.eval.report import compare_runs, metrics_table, prepare_output, write_report
     from mmfm.eval.run import evaluate_data
 
     if args.compare:
@@ -1158,8 +1159,9 @@ def _eval(args: argparse.Namespace) -> None:
         images_per_class=args.images_per_class,
         progress=sys.stderr.isatty(),
     )
-    for name, value in run.metrics.items():
-        print(f"{name}: {value:.4f}")
+    print(metrics_table(run.metrics), end="")
+    if run.samples:
+        print("\nsamples:")
     for line in run.samples:
         print(line.translate(_LINE_ESCAPES))
     if args.out:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 
@@ -20,7 +21,14 @@ from mmfm.eval.classification import (
     top_k_accuracy,
     zero_shot_weights,
 )
-from mmfm.eval.generation import clip_score, diversity, judge_verdicts, judged_accuracy
+from mmfm.eval.generation import (
+    clip_score,
+    diversity,
+    diversity_by_label,
+    generation_metrics,
+    judge_verdicts,
+    judged_accuracy,
+)
 from mmfm.eval.multilabel import average_precision, mean_average_precision, multilabel_metrics
 from mmfm.eval.qa import accuracy_by_family, is_correct, normalize_answer, qa_accuracy
 from mmfm.eval.retrieval import label_recall, retrieval_metrics
@@ -28,38 +36,43 @@ from mmfm.eval.retrieval import label_recall, retrieval_metrics
 # ---- retrieval ----
 
 
-def _brute_rank(scores: list[float], right: list[bool]) -> float:
-    """1-based position of the first right candidate when sorted best first, wrong ones first among equals."""
-    order = sorted(range(len(scores)), key=lambda j: (-scores[j], right[j]))
-    return next((pos + 1 for pos, j in enumerate(order) if right[j]), math.inf)
+def _brute_ranks(scores: list[float], right: list[bool]) -> list[float]:
+    """The 1-based rank of the first right candidate under every tie-break: each order of the candidates, applied
+    before a stable sort by score, is one equally likely way of breaking the ties."""
+    ranks = []
+    for tie_break in itertools.permutations(range(len(scores))):
+        order = sorted(tie_break, key=lambda j: -scores[j])
+        ranks.append(next((pos + 1 for pos, j in enumerate(order) if right[j]), math.inf))
+    return ranks
 
 
 def _brute_recalls(sims: torch.Tensor, right, ks, direction: str) -> dict[str, float]:
-    ranks = [_brute_rank(sims[q].tolist(), [right(q, j) for j in range(sims.shape[1])]) for q in range(len(sims))]
-    out = {f"r{k}_{direction}": sum(r <= k for r in ranks) / len(ranks) for k in ks}
-    return out | {f"median_rank_{direction}": statistics.median(ranks)}
+    """R@k and median rank averaged over every tie-break, query by query (see `_brute_ranks`)."""
+    per_query = [_brute_ranks(sims[q].tolist(), [right(q, j) for j in range(sims.shape[1])]) for q in range(len(sims))]
+    hits = {f"r{k}_{direction}": statistics.mean(statistics.mean(r <= k for r in q) for q in per_query) for k in ks}
+    return hits | {f"median_rank_{direction}": statistics.median(statistics.mean(ranks) for ranks in per_query)}
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_retrieval_recall_and_median_rank_equal_a_brute_force_reference(seed):
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_retrieval_recall_and_median_rank_average_every_tie_break(seed):
     gen = torch.Generator().manual_seed(seed)
-    media = torch.randint(-2, 3, (23, 4), generator=gen).float()  # small integers: many tied scores
-    per_item = torch.randint(1, 6, (23,), generator=gen)  # 1-5 texts per media item
-    owner = torch.repeat_interleave(torch.arange(23), per_item)[torch.randperm(int(per_item.sum()), generator=gen)]
-    texts = torch.randint(-2, 3, (len(owner), 4), generator=gen).float()
+    media = torch.randint(-1, 2, (5, 2), generator=gen).float()  # few distinct scores: many ties
+    owner = torch.cat([torch.arange(5), torch.randint(0, 5, (2,), generator=gen)])  # two items have two texts
+    owner = owner[torch.randperm(7, generator=gen)]
+    texts = torch.randint(-1, 2, (7, 2), generator=gen).float()
     sims = media @ texts.T
 
-    metrics = retrieval_metrics(media, texts, owner, ks=(1, 5, 10), names=("image", "text"))
+    metrics = retrieval_metrics(media, texts, owner, ks=(1, 2, 5), names=("image", "text"))
 
-    expected = _brute_recalls(sims, lambda q, j: owner[j] == q, (1, 5, 10), "image_to_text")
-    expected |= _brute_recalls(sims.T, lambda q, j: owner[q] == j, (1, 5, 10), "text_to_image")
-    assert metrics == pytest.approx(expected)
+    expected = _brute_recalls(sims, lambda q, j: owner[j] == q, (1, 2, 5), "image_to_text")
+    expected |= _brute_recalls(sims.T, lambda q, j: owner[q] == j, (1, 2, 5), "text_to_image")
+    assert metrics == pytest.approx(expected, abs=1e-9)
     assert list(metrics) == [
-        f"{key}_{d}" for d in ("image_to_text", "text_to_image") for key in ("r1", "r5", "r10", "median_rank")
+        f"{key}_{d}" for d in ("image_to_text", "text_to_image") for key in ("r1", "r2", "r5", "median_rank")
     ]
 
 
-def test_retrieval_of_perfect_pairs_and_ties_counted_against_the_query():
+def test_retrieval_of_perfect_pairs_and_constant_embeddings_at_chance():
     eye = torch.eye(6)
     perfect = retrieval_metrics(eye, eye, torch.arange(6), ks=(1,), names=("audio", "text"))
     assert perfect == {
@@ -68,24 +81,48 @@ def test_retrieval_of_perfect_pairs_and_ties_counted_against_the_query():
         "r1_text_to_audio": 1,
         "median_rank_text_to_audio": 1,
     }
-    same = torch.ones(4, 3)  # every score ties: each right answer ranks behind the three wrong ones
-    assert retrieval_metrics(same, same, torch.arange(4), ks=(1, 4))["median_rank_image_to_text"] == 4
-    assert retrieval_metrics(same, same, torch.arange(4), ks=(1, 4))["r4_text_to_image"] == 1
+    # every score ties: a random order of the candidates, neither the best nor the worst case
+    same = retrieval_metrics(torch.ones(4, 3), torch.ones(4, 3), torch.arange(4), ks=(1, 2, 4))
+    for d in ("image_to_text", "text_to_image"):
+        assert same[f"r1_{d}"] == pytest.approx(1 / 4) and same[f"r2_{d}"] == pytest.approx(2 / 4)
+        assert same[f"r4_{d}"] == 1 and same[f"median_rank_{d}"] == pytest.approx(2.5)
+    # 12 texts, 3 per image: the chance that one of an image's 3 texts is among k of 12 random places
+    owner = torch.arange(4).repeat(3)
+    shared = retrieval_metrics(torch.ones(4, 3), torch.ones(12, 3), owner, ks=(1, 5, 10))
+    assert shared["r1_image_to_text"] == pytest.approx(3 / 12)
+    assert shared["r5_image_to_text"] == pytest.approx(1 - math.comb(9, 5) / math.comb(12, 5))
+    assert shared["r10_image_to_text"] == 1 and shared["median_rank_image_to_text"] == pytest.approx(1 + 9 / 4)
+    assert shared["r1_text_to_image"] == pytest.approx(1 / 4)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_label_recall_equals_a_brute_force_reference(seed):
+def test_tied_paired_texts_are_not_counted_against_the_query():
+    # the digits case: images of one digit share identical captions, so an image's own caption ties with the
+    # same caption of every other image of its digit; one of the 1 + 3 tied candidates is drawn first
+    media = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)
+    texts = media.clone()  # text i is image i's caption, identical within a digit
+    metrics = retrieval_metrics(media, texts, torch.arange(8), ks=(1, 4, 5))
+    assert metrics["r1_image_to_text"] == pytest.approx(1 / 4)
+    assert metrics["r4_image_to_text"] == 1 and metrics["r5_image_to_text"] == 1
+    assert metrics["median_rank_image_to_text"] == pytest.approx(2.5)
+    assert label_recall(media, texts, [0] * 4 + [1] * 4, [0] * 4 + [1] * 4, ks=(1,)) == {
+        "label_r1_image_to_text": 1,
+        "label_r1_text_to_image": 1,
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_label_recall_averages_every_tie_break(seed):
     gen = torch.Generator().manual_seed(seed)
-    a, b = torch.randn(30, 5, generator=gen), torch.randn(17, 5, generator=gen)
-    labels_a, labels_b = torch.randint(0, 5, (30,), generator=gen), torch.randint(0, 6, (17,), generator=gen)
+    a, b = torch.randint(-1, 2, (6, 2), generator=gen).float(), torch.randint(-1, 2, (7, 2), generator=gen).float()
+    labels_a, labels_b = torch.randint(0, 3, (6,), generator=gen), torch.randint(0, 4, (7,), generator=gen)
     sims = a @ b.T
 
-    metrics = label_recall(a, b, labels_a, labels_b, ks=(1, 5, 10), names=("image", "text"))
+    metrics = label_recall(a, b, labels_a, labels_b, ks=(1, 3, 5), names=("image", "text"))
 
-    forward = _brute_recalls(sims, lambda q, j: labels_b[j] == labels_a[q], (1, 5, 10), "image_to_text")
-    backward = _brute_recalls(sims.T, lambda q, j: labels_a[j] == labels_b[q], (1, 5, 10), "text_to_image")
+    forward = _brute_recalls(sims, lambda q, j: labels_b[j] == labels_a[q], (1, 3, 5), "image_to_text")
+    backward = _brute_recalls(sims.T, lambda q, j: labels_a[j] == labels_b[q], (1, 3, 5), "text_to_image")
     expected = {f"label_{k}": v for k, v in (forward | backward).items() if not k.startswith("median")}
-    assert metrics == pytest.approx(expected)
+    assert metrics == pytest.approx(expected, abs=1e-9)
 
 
 def test_retrieval_bad_input_is_named():
@@ -285,6 +322,21 @@ def test_diversity_is_the_mean_pairwise_rms_distance():
         diversity([black, _grey(0, 8)])
     with pytest.raises(InputError, match=r"images\[1\] is a ndarray, not a PIL image"):
         diversity([black, np.zeros((4, 4))])
+
+
+def test_generation_metrics_compare_images_within_their_label_only():
+    black, white = _grey(0), _grey(255)
+    images, labels = [black, white, black, black, white], ["a", "a", "b", "b", "c"]
+    # label a: one pair 1.0 apart; b: one pair 0 apart; c: a single image, not compared with anything
+    assert diversity_by_label(images, labels) == pytest.approx(0.5)
+    assert diversity_by_label(images[:3], ["a", "b", "c"]) is None
+    judge = lambda ims: ["a" if im.getpixel((0, 0)) < 128 else "c" for im in ims]  # noqa: E731
+    metrics, verdicts = generation_metrics(images, labels, judge)
+    assert verdicts == [True, False, False, False, True]
+    assert metrics == {"judged_accuracy": pytest.approx(2 / 5), "diversity": pytest.approx(0.5)}
+    assert generation_metrics(images[:3], ["a", "b", "c"]) == ({}, None)
+    with pytest.raises(InputError, match="images and labels differ in length"):
+        diversity_by_label(images, labels[:4])
 
 
 def test_clip_score_on_known_vectors():

@@ -8,7 +8,7 @@ from PIL import Image
 
 from mmfm.cli import main
 from mmfm.errors import InputError
-from mmfm.eval.report import compare_runs, format_value, load_report, report_of, write_report
+from mmfm.eval.report import compare_runs, format_value, load_report, metrics_table, report_of, write_report
 from mmfm.eval.run import EvalRun, Generated
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -142,3 +142,29 @@ def test_a_bad_out_fails_before_anything_is_written(tmp_path):
     with pytest.raises(InputError, match="it is a folder; name a file"):
         write_report(run, tmp_path / "dir.json")
     assert blocker.read_text() == "keep me"
+
+
+def test_the_printed_table_groups_a_task_s_metrics_and_shows_the_weakest_classes():
+    metrics = {
+        "val/cap/loss": 0.5,
+        "val/digit/loss": 0.25,
+        **{f"val/cap/bleu_{n}": 1 - n / 10 for n in (1, 2, 3, 4)},
+        "val/cap/cider_d": 2.5,
+        **{f"val/digit/accuracy/{c}": a for c, a in zip("abcde", (0.9, 0.5, 1.0, 0.7, 0.6))},
+        **{f"val/it/r{k}_image_to_text": k / 10 for k in (1, 5, 10)},
+        "val/it/median_rank_image_to_text": 18.5,
+        **{f"val/it/label_r{k}_image_to_text": 1.0 for k in (1, 5)},
+        "val/chat/reply_accuracy/count": 0.75,
+    }
+    assert metrics_table(metrics).splitlines() == [
+        "task   metric                           value",
+        "cap    loss                             0.5000",
+        "       bleu_1/2/3/4                     0.9000 0.8000 0.7000 0.6000",
+        "       cider_d                          2.5000",
+        "digit  loss                             0.2500",
+        "       accuracy/<class>, lowest 3 of 5  b: 0.5000  e: 0.6000  d: 0.7000",
+        "it     r1/5/10_image_to_text            0.1000 0.5000 1.0000",
+        "       median_rank_image_to_text        18.5",
+        "       label_r1/5_image_to_text         1.0000 1.0000",
+        "chat   reply_accuracy/<family>          count: 0.7500",
+    ]

@@ -1,4 +1,5 @@
-"""A run's curves.png: titled panels, losses on a log axis, held-out values as markers, legends off the data."""
+"""A run's curves.png: titled panels, losses on a log axis, held-out values as markers, legends off the data, the
+headline held-out metrics apart from ranks, per-class accuracies left to the eval report."""
 
 import numpy as np
 import pytest
@@ -20,6 +21,14 @@ def _run_series() -> dict[str, list[tuple[int, float]]]:
         "val/image_caption/loss": [(200, 0.14), (400, 0.09)],
         "val/image_caption/exact_match": [(200, 0.57), (400, 0.87)],
         "val/image_text/r1_image_to_text": [(100, 0.5), (200, 0.85), (400, 0.96)],
+        "val/image_text/median_rank_image_to_text": [(100, 41.0), (200, 6.5), (400, 1.0)],
+        "val/image_text/median_rank_text_to_image": [(100, 37.0), (200, 4.0), (400, 1.5)],
+        "val/image_caption/cider_d": [(200, 1.4), (400, 2.5)],  # 0..10: not drawn among the 0..1 metrics
+        "val/image_caption/bleu_1": [(200, 0.9), (400, 0.97)],
+        "val/image_caption/bleu_4": [(200, 0.8), (400, 0.96)],
+        "val/image_classify/top1": [(200, 0.9), (400, 0.96)],
+        "val/image_classify/top5": [(200, 1.0), (400, 1.0)],
+        **{f"val/image_classify/accuracy/{d}": [(200, 0.9), (400, 0.95)] for d in range(10)},
     }
 
 
@@ -32,7 +41,14 @@ def panels():
 
 
 def test_panels_have_titles_and_labelled_axes(panels):
-    assert list(panels) == ["training loss", "held-out loss", "held-out metrics", "learning rate", "throughput"]
+    assert list(panels) == [
+        "training loss",
+        "held-out loss",
+        "held-out metrics",
+        "held-out median rank",
+        "learning rate",
+        "throughput",
+    ]
     for title, ax in panels.items():
         assert ax.get_xlabel() == "step", title
         assert ax.get_ylabel(), title
@@ -47,6 +63,26 @@ def test_losses_are_on_a_log_axis_that_reaches_the_smallest_loss(panels):
         low, high = ax.get_ylim()
         assert low <= 1.7e-5 and high >= 3.5
     assert panels["held-out metrics"].get_yscale() == "linear"
+
+
+def test_held_out_metrics_show_the_headline_numbers_and_ranks_have_a_log_panel(panels):
+    shown = {line.get_label() for line in panels["held-out metrics"].get_lines()}
+    assert shown == {
+        "image_caption/exact_match",
+        "image_caption/bleu_4",
+        "image_classify/top1",
+        "image_text/r1_image_to_text",
+    }  # no per-class accuracy, BLEU-1, top-5 or CIDEr-D: they are in metrics.csv and the eval report
+    low, high = panels["held-out metrics"].get_ylim()
+    assert low > -0.1 and high < 1.1  # ranks (up to 41) do not squash the 0..1 metrics
+    ranks = panels["held-out median rank"]
+    assert ranks.get_yscale() == "log" and ranks.get_ylim()[0] <= 1.0 and ranks.get_ylim()[1] >= 41
+    assert {line.get_label() for line in ranks.get_lines()} == {
+        "image_text/median_rank_image_to_text",
+        "image_text/median_rank_text_to_image",
+    }
+    labels = [t.get_text() for t in ranks.get_yticklabels(minor=False) + ranks.get_yticklabels(minor=True)]
+    assert "10" in labels and not any("times" in t or "^" in t for t in labels)  # plain numbers, not 10^1
 
 
 def test_held_out_values_are_markers_joined_only_from_three_points(panels):
@@ -68,7 +104,7 @@ def test_a_task_keeps_its_colour_across_panels(panels):
 
 
 def test_legends_sit_beside_the_data_not_on_it(panels):
-    for title in ("training loss", "held-out loss", "held-out metrics"):
+    for title in ("training loss", "held-out loss", "held-out metrics", "held-out median rank"):
         ax = panels[title]
         legend, data = ax.get_legend().get_window_extent(), ax.get_window_extent()
         assert legend.x0 >= data.x1, title

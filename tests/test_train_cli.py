@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import yaml
 
@@ -39,7 +40,7 @@ def test_train_then_eval_prints_metrics_and_samples(make_recipe, tiny_digits, tm
     assert {"val/image_caption/exact_match", "val/audio_caption/token_accuracy", "val/digit/top1"} <= set(metrics)
     assert {"val/image_text/r1_image_to_text", "val/image_text/r1_text_to_image"} <= set(metrics)
     assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if not k.endswith("/loss") and "median_rank" not in k)
-    assert f"val/digit/top1: {metrics['val/digit/top1']:.4f}" in out
+    assert re.search(rf"^digit +loss .*\n +top1 +{metrics['val/digit/top1']:.4f}$", out, re.M)  # the table
     assert out.count("image_caption: ") == 2 and out.count("audio_caption: ") == 2 and ".wav -> '" in out
 
 
@@ -51,7 +52,7 @@ def test_eval_without_a_recipe_infers_tasks_from_heads_and_fields(make_recipe, t
     assert main(["eval", "--model", str(model_dir), "--data", str(tiny_digits / "val.jsonl")]) == 0
     out = capsys.readouterr().out
     for name in ("image_caption", "audio_caption", "image_classify", "image_text", "audio_text"):
-        assert f"val/{name}/" in out
+        assert re.search(rf"^{name} ", out, re.M)
 
 
 def test_train_errors_name_the_key_and_the_manifest_line(make_recipe, tiny_digits, tmp_path, capsys):
@@ -127,4 +128,4 @@ def test_eval_takes_a_preset_as_any_model_argument_and_warns_of_random_weights(t
     assert main(["eval", "--model", "mmfm-test", "--data", str(tiny_digits / "val.jsonl")]) == 0
     out, err = capsys.readouterr()
     assert "random weights" in err
-    assert "val/image_caption/" in out and "val/digit/" not in out
+    assert re.search(r"^image_caption ", out, re.M) and not re.search(r"^digit ", out, re.M)

@@ -3,6 +3,9 @@
 - `judged_accuracy`: a judge the user provides (any function from images to what each one shows, such as
   `mmfm.data.judge.DigitsJudge`) reads every image; the fraction read as its target.
 - `diversity`: the mean pairwise root-mean-square pixel distance; 0 when every image is the same.
+  `diversity_by_label` averages it over the labels, each label's images compared among themselves.
+- `generation_metrics`: both over images generated per label, as `mmfm eval` and `examples/digits_generation.py`
+  score them.
 - `clip_score`: CLIPScore (Hessel et al., 2021), w * max(cos(image, text), 0) averaged over the pairs, from the
   embeddings of a model with a contrastive head (`model.embed`).
 
@@ -10,6 +13,8 @@
 judge = DigitsJudge()
 images = model.generate_image(text=["the digit 7"] * 8)
 judged_accuracy(images, [7] * 8, judge), diversity(images)
+images = model.generate_image(text=["the digit 1", "the digit 7"], num_images=8)   # 8 ones, then 8 sevens
+generation_metrics(images, [1] * 8 + [7] * 8, judge)   # ({"judged_accuracy": ..., "diversity": ...}, verdicts)
 clip_score(model.embed(images=images), model.embed(text=["the digit 7"] * 8))
 ```
 """
@@ -82,6 +87,57 @@ def diversity(images: Sequence[Image.Image]) -> float:
     distances = torch.cdist(pixels, pixels, compute_mode="donot_use_mm_for_euclid_dist") / pixels.shape[1] ** 0.5
     pairs = torch.triu_indices(len(images), len(images), offset=1)
     return float(distances[pairs[0], pairs[1]].mean())
+
+
+def diversity_by_label(images: Sequence[Image.Image], labels: Sequence[Any]) -> float | None:
+    """`diversity` among each label's images, averaged over the labels that have two images or more.
+
+    Args:
+        images: the images.
+        labels: the label of each image; images of one label are compared with each other only.
+
+    Returns:
+        The average, or None when no label has two images.
+
+    Raises:
+        InputError: images and labels of different lengths, no images, or images `diversity` refuses.
+    """
+    check_lengths(images, labels, ("images", "labels"))
+    groups: dict[Any, list[Image.Image]] = {}
+    for image, label in zip(images, labels):
+        groups.setdefault(label, []).append(image)
+    values = [diversity(group) for group in groups.values() if len(group) > 1]
+    return sum(values) / len(values) if values else None
+
+
+def generation_metrics(
+    images: Sequence[Image.Image],
+    labels: Sequence[Any],
+    judge: Callable[[list[Image.Image]], Sequence[Any]] | None = None,
+) -> tuple[dict[str, float], list[bool] | None]:
+    """The judged accuracy and the diversity of images generated per label.
+
+    Args:
+        images: the images.
+        labels: what each image should show.
+        judge: images -> one reading per image (see `judge_verdicts`); None: no judged accuracy.
+
+    Returns:
+        {"judged_accuracy" (with a judge), "diversity" (`diversity_by_label`, when a label has two images)}, and
+        the judge's verdict on each image (None without a judge).
+
+    Raises:
+        InputError: see `judge_verdicts` and `diversity_by_label`.
+    """
+    metrics = {}
+    verdicts = None
+    if judge is not None:  # judged once: the verdicts are kept (a report draws them), their mean is the accuracy
+        verdicts = judge_verdicts(images, labels, judge)
+        metrics["judged_accuracy"] = sum(verdicts) / len(verdicts)
+    spread = diversity_by_label(images, labels)
+    if spread is not None:
+        metrics["diversity"] = spread
+    return metrics, verdicts
 
 
 def clip_score(image_embeddings: Tensor, text_embeddings: Tensor, w: float = 2.5) -> float:

@@ -41,7 +41,7 @@ METRICS = {
     "top5": "classify: top-5 accuracy (5 classes or more)",
     "per_class": "classify: accuracy/<class> per class, and the confusion matrix",
     "recall": "contrastive: r1/r5/r10_<a>_to_<b> both ways, a hit is the paired item",
-    "median_rank": "contrastive: median_rank_<a>_to_<b>, the paired item's 1-based rank",
+    "median_rank": "contrastive: median_rank_<a>_to_<b>, the paired item's expected 1-based rank (ties at random)",
     "label_recall": "contrastive: label_r1/r5/r10_<a>_to_<b>, a hit is a neighbour with the same label",
     "reply_accuracy": "chat: right replies, overall and reply_accuracy/<family>",
     "judged_accuracy": "image_gen (mmfm eval): generated images the judge reads as the item's label",
@@ -50,6 +50,7 @@ METRICS = {
 }
 CAPTION_GENERATED = {"bleu", "cider_d", "rouge_l", "exact_match"}  # the metrics that need generated captions
 _RECALL_NAME = re.compile(r"(label_)?r\d+_")
+_GROUPED = re.compile(r"(bleu_|(?:label_)?r)(\d+)(_.+)?")  # keys that share a terminal table row with their kin
 
 
 def metric_name(key: str) -> str:
@@ -185,6 +186,60 @@ def markdown(report: Mapping[str, Any]) -> str:
     if report.get("samples"):
         lines += ["", "## samples", "", "```", *report["samples"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def metrics_table(metrics: Mapping[str, float], lowest: int = 3) -> str:
+    """The metrics as a terminal table, one block of rows per task, as `mmfm eval` prints them.
+
+    Related keys share a row: "bleu_1/2/3/4", "r1/5/10_image_to_text" (and their label_ variant) list their values
+    side by side; per-class and per-family accuracies ("accuracy/<class>", "reply_accuracy/<family>") show the
+    `lowest` classes or families only, with how many there are (eval.json and eval.md keep every one).
+
+    Args:
+        metrics: {"val/<task>/<key>": value}, tasks in the order their first key comes.
+        lowest: how many per-class or per-family accuracies to show.
+    """
+    tasks: dict[str, dict[str, list[tuple[str, float]]]] = {}  # task -> row -> [(part, value)]
+    for key, value in metrics.items():
+        _, task, name = key.split("/", 2)
+        tasks.setdefault(task, {}).setdefault(_row_of(name), []).append((_part_of(name), value))
+    rows = [("task", "metric", "value")]
+    for task, groups in tasks.items():
+        for row, parts in groups.items():
+            shown = " ".join(format_value(v) for _, v in parts)
+            if row.endswith(("/<class>", "/<family>")):
+                worst = sorted(parts, key=lambda p: p[1])[:lowest]
+                row = f"{row}, lowest {len(worst)} of {len(parts)}" if len(parts) > len(worst) else row
+                shown = "  ".join(f"{part}: {format_value(v)}" for part, v in worst)
+            elif row.startswith("median_rank_"):  # an expected rank: a decimal is enough
+                shown = f"{parts[0][1]:.1f}"
+            elif parts[0][0]:
+                row = row.format("/".join(p for p, _ in parts))
+            rows.append((task, row, shown))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines, previous = [], None
+    for task, metric, value in rows:
+        shown = "" if task == previous else task  # a task's name on its first row only
+        lines.append(f"{shown:<{widths[0]}}  {metric:<{widths[1]}}  {value}".rstrip())
+        previous = task
+    return "\n".join(lines) + "\n"
+
+
+def _row_of(name: str) -> str:
+    """The row a metric key goes to: "bleu_{}" for bleu_2, "r{}_image_to_text" for r5_image_to_text,
+    "accuracy/<class>" for accuracy/7, "reply_accuracy/<family>" per family, else the key itself."""
+    if match := _GROUPED.fullmatch(name):
+        return f"{match.group(1)}{{}}{match.group(3) or ''}"
+    if "/" in name:
+        return name.split("/", 1)[0] + ("/<class>" if name.startswith("accuracy/") else "/<family>")
+    return name
+
+
+def _part_of(name: str) -> str:
+    """What tells a metric apart in its row: the n of bleu_n, the k of r<k>_..., the class or family; else ""."""
+    if match := _GROUPED.fullmatch(name):
+        return match.group(2)
+    return name.split("/", 1)[1] if "/" in name else ""
 
 
 def format_value(value: float) -> str:

@@ -8,12 +8,23 @@ of the media item text t belongs to.
   is among the k best-scored texts.
 - text -> media: a text's rank is the rank of the media item it belongs to.
 
-Ranks are 1-based and ties count against the query: a candidate that is not a right answer but scores as high
-as the best right one ranks ahead of it (constant embeddings give the worst ranks, not the best). The median
-rank is the middle rank, the mean of the two middle ones for an even count.
+Ranks are 1-based. Ties are broken at random, and every number is its expectation over that random order (what
+an arbitrary tie-break gives on average), so tied scores count neither for nor against the query. For a query
+with `a` wrong candidates scored strictly above its best right one, and a tied group of `r` right and `w` wrong
+candidates at that score:
+
+- P(hit at k) = 0 when k <= a, else 1 - C(w, m) / C(w + r, m) with m = k - a (1 when m > w): the chance that one
+  of the first m places of the tied group holds a right candidate;
+- expected rank = a + 1 + w / (r + 1): on average w / (r + 1) wrong candidates of the group precede the first right
+  one.
+
+R@k is the mean of P(hit at k) over the queries, and the median rank the median of their expected ranks (the mean
+of the two middle ones for an even count). Constant embeddings are thus at chance level: R@1 = 1/K and median
+rank (K + 1) / 2 over K candidates with one right answer each.
 
 `label_recall` is the looser variant `mmfm eval` reported before: a hit is any neighbour with the query's
-label (digits shares ten captions among many images, so "the same digit" is what a right retrieval means).
+label (digits shares each caption among many images of one digit, so "the same digit" is what a right retrieval
+means there). Its ties are counted the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +49,8 @@ def retrieval_metrics(
 ) -> dict[str, float]:
     """R@k and median rank in both directions, where a hit is an item's own pair.
 
+    Tied scores are broken at random and the numbers are their expectations (see the module docstring).
+
     Args:
         media: (M, E) media embeddings.
         texts: (T, E) text embeddings.
@@ -60,12 +73,12 @@ def retrieval_metrics(
         raise InputError(f"{names[0]} {int((counts == 0).nonzero()[0])} has no {names[1]} in owner: each needs one")
     owner = owner.to(media.device)
     rows = torch.arange(len(media), device=media.device)
-    forward = _ranks(media, texts, lambda q: owner[None, :] == rows[q, None])
-    backward = _ranks(texts, media, lambda q: rows[None, :] == owner[q, None])
+    forward = _placements(media, texts, lambda q: owner[None, :] == rows[q, None])
+    backward = _placements(texts, media, lambda q: rows[None, :] == owner[q, None])
     metrics = {}
-    for direction, ranks in _directions(names, forward, backward):
-        metrics |= {f"r{k}_{direction}": float((ranks <= k).float().mean()) for k in ks}
-        metrics[f"median_rank_{direction}"] = float(ranks.double().quantile(0.5))
+    for direction, placed in _directions(names, forward, backward):
+        metrics |= {f"r{k}_{direction}": float(_hit_chance(placed, k).mean()) for k in ks}
+        metrics[f"median_rank_{direction}"] = float(_expected_rank(placed).quantile(0.5))
     return metrics
 
 
@@ -79,7 +92,7 @@ def label_recall(
 ) -> dict[str, float]:
     """R@k in both directions where a hit is any neighbour that shares the query's label.
 
-    A query whose label no candidate has is a miss at every k.
+    Ties are counted as the module docstring says; a query whose label no candidate has is a miss at every k.
 
     Args:
         a: (N, E) embeddings of one side.
@@ -96,11 +109,11 @@ def label_recall(
     labels_a = _labels("labels_a", labels_a, len(a)).to(a.device)
     labels_b = _labels("labels_b", labels_b, len(b)).to(a.device)
     ks = cutoffs(ks)
-    forward = _ranks(a, b, lambda q: labels_b[None, :] == labels_a[q, None])
-    backward = _ranks(b, a, lambda q: labels_a[None, :] == labels_b[q, None])
+    forward = _placements(a, b, lambda q: labels_b[None, :] == labels_a[q, None])
+    backward = _placements(b, a, lambda q: labels_a[None, :] == labels_b[q, None])
     return {
-        f"label_r{k}_{direction}": float((ranks <= k).float().mean())
-        for direction, ranks in _directions(names, forward, backward)
+        f"label_r{k}_{direction}": float(_hit_chance(placed, k).mean())
+        for direction, placed in _directions(names, forward, backward)
         for k in ks
     }
 
@@ -126,22 +139,47 @@ def _labels(name: str, labels: Tensor | Sequence[int], length: int) -> Tensor:
     return labels
 
 
-def _ranks(queries: Tensor, candidates: Tensor, right) -> Tensor:
-    """(Q,) 1-based rank of each query's best right candidate; inf where it has none.
+def _placements(queries: Tensor, candidates: Tensor, right) -> Tensor:
+    """(Q, 3) per query: the wrong candidates scored strictly above its best right one (a), and the right (r) and
+    wrong (w) candidates tied at that best score; r = 0 when the query has no right candidate.
 
     `right(rows)` gives the (len(rows), K) mask of the right candidates of the queries `rows`.
     """
-    ranks = []
+    placements = []
     for start in range(0, len(queries), CHUNK):
         rows = torch.arange(start, min(start + CHUNK, len(queries)), device=queries.device)
         scores = queries[rows] @ candidates.T  # (chunk, K)
         mask = right(rows)
-        best = scores.masked_fill(~mask, float("-inf")).amax(dim=1, keepdim=True)  # (chunk, 1)
-        ahead = ((scores >= best) & ~mask).sum(dim=1).float()
-        ranks.append(torch.where(mask.any(dim=1), ahead + 1, float("inf")))
-    return torch.cat(ranks).cpu()
+        best = scores.masked_fill(~mask, float("-inf")).amax(dim=1, keepdim=True)  # (chunk, 1); -inf: no right one
+        tied = scores == best
+        counts = [(scores > best) & ~mask, tied & mask, tied & ~mask]
+        placements.append(torch.stack([c.sum(dim=1) for c in counts], dim=1))
+    return torch.cat(placements).cpu().double()
+
+
+def _hit_chance(placed: Tensor, k: int) -> Tensor:
+    """(Q,) the chance that a right candidate is among the k best under a random order of tied scores."""
+    ahead, right, wrong = placed.unbind(dim=1)
+    m = k - ahead  # places left for the tied group
+    # P(the first m places of the group are all wrong) = C(w, m) / C(w + r, m), through log-gamma for large groups
+    taken = m.clamp(0, None).minimum(wrong)
+    all_wrong = torch.exp(
+        torch.lgamma(wrong + 1)
+        - torch.lgamma(wrong - taken + 1)
+        - torch.lgamma(wrong + right + 1)
+        + torch.lgamma(wrong + right - taken + 1)
+    )
+    chance = torch.where(m > wrong, 1.0, 1.0 - all_wrong)
+    return torch.where((m <= 0) | (right == 0), 0.0, chance)
+
+
+def _expected_rank(placed: Tensor) -> Tensor:
+    """(Q,) the expected 1-based rank of the best right candidate under a random order of tied scores (inf where
+    there is none): a + 1 + w / (r + 1)."""
+    ahead, right, wrong = placed.unbind(dim=1)
+    return torch.where(right > 0, ahead + 1 + wrong / (right + 1), float("inf"))
 
 
 def _directions(names: tuple[str, str], forward: Tensor, backward: Tensor) -> list[tuple[str, Tensor]]:
-    """("a_to_b", ranks of a's queries), ("b_to_a", ranks of b's queries)."""
+    """("a_to_b", placements of a's queries), ("b_to_a", placements of b's queries)."""
     return [(f"{names[0]}_to_{names[1]}", forward), (f"{names[1]}_to_{names[0]}", backward)]

@@ -35,7 +35,7 @@ from mmfm.data import Collator, EpochSampler, ManifestDataset
 from mmfm.errors import InputError
 from mmfm.eval.classification import classification_metrics, confusion_matrix
 from mmfm.eval.datasets import ClassFolder
-from mmfm.eval.generation import clip_score, diversity, judge_verdicts
+from mmfm.eval.generation import clip_score, generation_metrics
 from mmfm.eval.report import metric_name, parse_metrics
 from mmfm.heads.image_gen import ImageGenObjective
 from mmfm.train.evaluate import Evaluation, evaluate_tasks, sample_lines, tasks_for
@@ -270,15 +270,7 @@ def _generation(
     images = model.generate_image(
         **{argument: conditions}, seed=seed, batch_size=batch_size, progress=progress
     )  # one image per condition
-    metrics = {}
-    verdicts = None
-    if judge is not None:  # judged once: the verdicts are drawn, their mean is the judged accuracy
-        verdicts = judge_verdicts(images, labels, judge)
-        metrics["judged_accuracy"] = sum(verdicts) / len(verdicts)
-    groups = [[im for im, label in zip(images, labels) if label == wanted] for wanted in chosen]
-    groups = [group for group in groups if len(group) > 1]
-    if groups:
-        metrics["diversity"] = float(sum(diversity(group) for group in groups) / len(groups))
+    metrics, verdicts = generation_metrics(images, labels, judge)
     if source == "text" and "contrastive" in model.heads:
         image_embeddings = model.embed(images=images, batch_size=batch_size)
         text_embeddings = model.embed(text=conditions, batch_size=batch_size)

@@ -12,7 +12,7 @@ Every metric is reported as `val/<task>/<key>`; `mmfm.eval.report.METRICS` names
 - contrastive: R@1/5/10 and median rank in both directions over the held-out examples, where a hit is the paired
   item: every reference caption of an example is a text of that example's media item (an image with five
   captions has five texts; a text's only right answer is its own image). `label_r1_...` etc. count a hit when the
-  neighbour has the same label instead (digits has ten distinct captions shared by many images), on examples that
+  neighbour has the same label instead (digits shares each caption among many images of a digit), on examples that
   all carry labels.
 - chat: the greedy reply to each held-out conversation is right (`mmfm.train.chat_eval`), overall and per
   question family.

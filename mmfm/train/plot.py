@@ -4,11 +4,17 @@ Losses are drawn on a log axis (they fall from a few units to 1e-5 in one run, w
 the floor), training and held-out losses share that axis and each task keeps one colour in every panel. Held-out
 values are markers at the steps they were measured, joined by a line only once there are three or more, and every
 legend sits beside its panel rather than over the data.
+
+The held-out metrics panel shows the headline numbers only (`HEADLINE`: exact match, BLEU-4, top-1, R@1 and label
+R@1, reply and judged accuracy), all between 0 and 1; median ranks (1 and up) get a log-scaled panel of their own.
+The rest (token accuracy, BLEU-1..3, CIDEr-D, ROUGE-L, top-5, R@5/10, accuracy per class or question family, ...)
+stays in metrics.csv and `mmfm eval`'s report, where it is readable, rather than as dozens of lines here.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,25 +27,32 @@ if TYPE_CHECKING:
 Series = dict[str, list[tuple[int, float]]]
 
 TRAIN_LOSS, VAL_LOSS, VAL_METRICS = "training loss", "held-out loss", "held-out metrics"
+VAL_RANK = "held-out median rank"
 # panel title -> y-axis label, in drawing order; any other series gets a panel of its own after these
 PANELS = {
     TRAIN_LOSS: "loss",
     VAL_LOSS: "loss",
     VAL_METRICS: "value",
+    VAL_RANK: "rank (1 = best)",
     "learning rate": "learning rate",
     "throughput": "samples / s",
 }
 LINE_MIN_POINTS = 3  # held-out values are joined by a line from this many points on; fewer are markers alone
 MARKERS = "osD^vP*Xph<>"
+# the held-out metrics drawn (keys after "val/<task>/"); the others are left out of the curves
+HEADLINE = re.compile(r"exact_match|bleu_4|top1|(label_)?r1_.+|reply_accuracy|judged_accuracy")
 
 
-def panel_of(name: str) -> str:
-    """The panel a series goes to: training or held-out loss, held-out metrics, learning rate, throughput or its
-    own (named after the series)."""
+def panel_of(name: str) -> str | None:
+    """The panel a series goes to: training or held-out loss, held-out metrics (`HEADLINE` ones), held-out median
+    rank, learning rate, throughput or its own (named after the series); None for a held-out metric left out."""
     if name.endswith("/loss"):
         return TRAIN_LOSS if name.startswith("train/") else VAL_LOSS
     if name.startswith("val/"):
-        return VAL_METRICS
+        key = name.split("/", 2)[-1]
+        if key.startswith("median_rank_"):
+            return VAL_RANK
+        return VAL_METRICS if HEADLINE.fullmatch(key) else None
     last = name.rpartition("/")[2]
     return {"lr": "learning rate", "samples_per_s": "throughput"}.get(last, name)
 
@@ -54,8 +67,9 @@ def curves_figure(series: Series) -> Figure:
 
     Args:
         series: {name: [(step, value), ...]} as a run's metrics.csv holds them: "train/<task>/loss",
-            "val/<task>/loss", "val/<task>/<metric>", "train/lr", "train/samples_per_s". Empty series and points
-            that are not finite (a diverged loss) are left out; with nothing left the figure says so.
+            "val/<task>/loss", "val/<task>/<metric>", "train/lr", "train/samples_per_s". Empty series, points
+            that are not finite (a diverged loss) and held-out metrics that are not headline numbers (see the
+            module docstring) are left out; with nothing left the figure says so.
 
     Returns:
         The figure; its axes carry the panel titles (`ax.get_title()`).
@@ -63,8 +77,9 @@ def curves_figure(series: Series) -> Figure:
     panels: dict[str, Series] = {}
     for name, points in sorted(series.items()):
         points = [(step, value) for step, value in points if math.isfinite(value)]
-        if points:
-            panels.setdefault(panel_of(name), {})[name] = points
+        panel = panel_of(name)
+        if points and panel is not None:
+            panels.setdefault(panel, {})[name] = points
     if not panels:
         figure = new_figure(6.0, 2.0)
         figure.text(0.5, 0.5, "no metrics logged yet", ha="center", va="center")
@@ -82,8 +97,8 @@ def curves_figure(series: Series) -> Figure:
     last_step = max(step for lines in panels.values() for points in lines.values() for step, _ in points)
     for ax, title in zip(axes, order, strict=False):
         lines = panels[title]
-        held_out = title in (VAL_LOSS, VAL_METRICS)
-        metric_markers = _metric_markers(lines) if title == VAL_METRICS else {}
+        held_out = title in (VAL_LOSS, VAL_METRICS, VAL_RANK)
+        metric_markers = _metric_markers(lines) if title in (VAL_METRICS, VAL_RANK) else {}
         for name, points in lines.items():
             steps, values = zip(*points, strict=True)
             if held_out:
@@ -106,7 +121,9 @@ def curves_figure(series: Series) -> Figure:
         ax.grid(alpha=0.3)
         if title == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
-        if len(lines) > 1 or title in (TRAIN_LOSS, VAL_LOSS, VAL_METRICS):
+        if title == VAL_RANK:  # ranks fall from tens (or thousands) to 1: a log axis keeps the last steps apart
+            _plain_log_axis(ax)
+        if len(lines) > 1 or title in (TRAIN_LOSS, VAL_LOSS, VAL_METRICS, VAL_RANK):
             ax.legend(
                 loc="upper left",
                 bbox_to_anchor=(1.01, 1.0),
@@ -134,6 +151,15 @@ def _loss_axes(figure: Figure, axes: list[Axes]) -> None:
         axes[0].set_yscale("symlog", linthresh=min(nonzero))
 
 
+def _plain_log_axis(ax: Axes) -> None:
+    """A log y axis whose ticks read as plain numbers (20, 30, 50, 100), not 2 x 10^1."""
+    from matplotlib.ticker import LogFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def _task(name: str) -> str:
     """The task a series belongs to ("val/image_caption/exact_match" -> "image_caption"); else the name."""
     parts = name.split("/")
@@ -144,7 +170,7 @@ def _label(name: str, panel: str) -> str:
     """A series' legend entry: the task for losses, task and metric for held-out metrics, else the name."""
     if panel in (TRAIN_LOSS, VAL_LOSS):
         return _task(name)
-    if panel == VAL_METRICS:
+    if panel in (VAL_METRICS, VAL_RANK):
         return name.removeprefix("val/")
     return name
 
