@@ -475,9 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--batch-wait-ms",
         type=_milliseconds,
-        default=5.0,
+        default=20.0,
         metavar="MS",
-        help="how long a batch waits for more chat requests to join it before it starts (default: 5)",
+        help="how long a batch waits for more chat requests to join it before it starts (default: 20)",
     )
     serve.add_argument("--api-key", metavar="KEY", help="require this key on every request (default: $MMFM_API_KEY)")
     serve.add_argument(

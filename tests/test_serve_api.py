@@ -1,9 +1,10 @@
 """`mmfm serve`'s OpenAI-compatible API, driven by the official `openai` client against a server on a free localhost
 port: chat about images and sounds (data: URLs and allowed files), streamed and not, seeded sampling, embeddings,
 image generation and the model list give what the model itself gives; completions say why they ended and count
-their tokens, streamed or not, and embeddings count theirs; bad requests get OpenAI-shaped 4xx errors
-and the server keeps serving; eight concurrent clients each get their own answer; the API key guards every route,
-the web app's included; `mmfm serve` wires its options through and warns when it binds beyond localhost.
+their tokens, streamed or not, and embeddings count theirs; a client that leaves mid-stream stops its decoding; bad
+requests get OpenAI-shaped 4xx errors and the server keeps serving; eight concurrent clients each get their own
+answer; the API key guards every route, the web app's included; `mmfm serve` wires its options through and warns
+when it binds beyond localhost.
 """
 
 from __future__ import annotations
@@ -155,6 +156,29 @@ def test_completions_say_why_they_ended_and_count_their_tokens_streamed_or_not(c
     stopped = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, stop=[stop])
     assert stopped.choices[0].message.content == longer[: longer.index(stop)]
     assert stopped.choices[0].finish_reason == "stop" and 0 < stopped.usage.completion_tokens < 20
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_decoding(server, monkeypatch):
+    import mmfm.serve.engine as engine_module
+
+    steps = []  # how many rows each decoding step named, the steps slowed so that the client leaves mid-reply
+    real = engine_module.stream_rows
+
+    def slow(*args, **kwargs):
+        for step in real(*args, **kwargs):
+            steps.append(len(step))
+            threading.Event().wait(0.02)
+            yield step
+
+    monkeypatch.setattr(engine_module, "stream_rows", slow)
+    body = {"model": NAME, "messages": [user("Tell me a long story")], "max_tokens": 100, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i == 4:
+                break  # the client leaves
+    server.engine.caption(images=[np.zeros((8, 8, 3), np.uint8)])  # queued behind the reply: it has ended
+    assert steps and steps[-1] == 0 and len(steps) < 50  # the row was dropped, far short of its 100 tokens
 
 
 def test_embeddings_equal_model_embed_for_texts_and_images(client, model, media):

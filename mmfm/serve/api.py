@@ -34,12 +34,12 @@ import math
 import numbers
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from mmfm.errors import InputError
 from mmfm.serve.engine import ChatReply, ChatStream, Engine
@@ -117,7 +117,9 @@ def _router(engine: Engine) -> APIRouter:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
         answered = await run_in_threadpool(answer)
         if stream:
-            return StreamingResponse(_events(answered, head, include_usage), media_type="text/event-stream")
+            return StreamingResponse(
+                _sent(request, _events(answered, head, include_usage)), media_type="text/event-stream"
+            )
         message = {"role": "assistant", "content": answered.text}
         return {
             **head,
@@ -404,6 +406,18 @@ def _png(image: Any) -> str:
 # ---- streaming ----
 
 
+async def _sent(request: Request, events: Generator[str, None, None]) -> AsyncIterator[str]:
+    """`events` read in a server thread until they end or the client leaves, then closed (which ends the reply's
+    decoding): uvicorn drops what is sent to a client that has gone, so the server must ask whether it is there."""
+    try:
+        async for event in iterate_in_threadpool(events):
+            if await request.is_disconnected():
+                break
+            yield event
+    finally:
+        events.close()
+
+
 def _usage(reply: ChatReply) -> dict[str, int]:
     return {
         "prompt_tokens": reply.prompt_tokens,
@@ -412,7 +426,7 @@ def _usage(reply: ChatReply) -> dict[str, int]:
     }
 
 
-def _events(pieces: ChatStream, head: dict[str, Any], include_usage: bool) -> Iterator[str]:
+def _events(pieces: ChatStream, head: dict[str, Any], include_usage: bool) -> Generator[str, None, None]:
     """A reply's pieces as server-sent chat.completion.chunk events, the last with its finish_reason, then (when
     `include_usage`) a chunk of its token counts with no choices, then `[DONE]`; a failure is an error event.
 
