@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mmfm
-from mmfm.config import DEFAULT_BATCH_SIZE, DTYPE_NAMES, MEDIA, SCHEDULERS, read_small_file, shorten
+from mmfm.config import DEFAULT_BATCH_SIZE, DTYPE_NAMES, MEDIA, SCHEDULERS, read_small_file
 from mmfm.errors import ConfigError, InputError, MMFMError
+from mmfm.inputs import expand_inputs, printable, quoted
 
 if TYPE_CHECKING:
     from mmfm.model import MultimodalModel
@@ -39,9 +40,6 @@ _LINE_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
 # The largest --labels-file read (one label per line; ImageNet-21k's 21,843 names take about 400 KB). A bigger file
 # is refused rather than read, as are folders, FIFOs and devices (/dev/zero would be read until memory ran out).
 MAX_LABELS_FILE_BYTES = 4 * 1024 * 1024
-
-# Arguments quoted in error messages are shortened to this many characters (a 5,000-character path stays readable).
-_QUOTE_LIMIT = 200
 
 # Options whose values are text for the model (read as UTF-8), as opposed to file names (any bytes the OS allows).
 _TEXT_OPTIONS = {
@@ -227,9 +225,10 @@ One process serves the Gradio web app at "/" (a tab per thing the model can do: 
 search, generate) and an OpenAI-compatible API on the same port: POST /v1/chat/completions (streamed with
 "stream": true), /v1/embeddings, /v1/images/generations and GET /v1/models; the model's name is its
 config name (GET /v1/models). Chat requests that arrive together are answered in one batch of up to
---max-batch-size. Requests read media from data: URLs, or from files inside an --allowed-dir (none by
-default). With --api-key (or MMFM_API_KEY in the environment) every request needs
-'Authorization: Bearer KEY'; a browser opens http://HOST:PORT/?api_key=KEY once and keeps a cookie.
+--max-batch-size, which waits up to --batch-wait-ms for more to join it. Requests read media from data:
+URLs, or from files inside an --allowed-dir (none by default). With --api-key (or MMFM_API_KEY in the
+environment) every request needs 'Authorization: Bearer KEY'; a browser opens http://HOST:PORT/?api_key=KEY
+once and keeps a cookie.
 Binding anywhere but localhost prints a warning. Ctrl-C stops the server.
 """
 
@@ -474,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="chat requests decoded together (default: 8)",
     )
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=_milliseconds,
+        default=20.0,
+        metavar="MS",
+        help="how long a batch waits for more chat requests to join it before it starts (default: 20)",
+    )
     serve.add_argument("--api-key", metavar="KEY", help="require this key on every request (default: $MMFM_API_KEY)")
     serve.add_argument(
         "--allowed-dir",
@@ -710,6 +716,17 @@ def _whole_number(minimum: int) -> Callable[[str], int]:
 _natural, _positive_int = _whole_number(0), _whole_number(1)
 
 
+def _milliseconds(text: str) -> float:
+    """An argparse type: a finite number of milliseconds, at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     port = _natural(text)
     if port > 65535:
@@ -777,7 +794,7 @@ def _shapes_only(spec: str) -> MultimodalModel:
 
 
 def _caption(args: argparse.Namespace) -> None:
-    inputs = _expand_inputs(args.files)
+    inputs = expand_inputs(args.files)
     options = {
         "prompt": args.prompt,
         "do_sample": args.do_sample,
@@ -799,13 +816,13 @@ def _caption(args: argparse.Namespace) -> None:
     captions = _run_grouped(inputs, lambda batch: caption(model, **batch, **options, **_batching(args)))
     for (path, _), text in zip(inputs, captions):
         if args.json:
-            _print_json({"input": _display(path), "caption": text})
+            _print_json({"input": printable(path), "caption": text})
         else:
-            print(f"{_display(path)}\t{text.translate(_LINE_ESCAPES)}")
+            print(f"{printable(path)}\t{text.translate(_LINE_ESCAPES)}")
 
 
 def _classify(args: argparse.Namespace) -> None:
-    inputs = _expand_inputs(args.files)
+    inputs = expand_inputs(args.files)
     labels = _read_labels(args.labels, args.labels_file)
     model = _open_model(args)
     from mmfm.pipelines import classify
@@ -813,16 +830,16 @@ def _classify(args: argparse.Namespace) -> None:
     tops = _run_grouped(inputs, lambda batch: classify(model, **batch, labels=labels, **_batching(args)).top(args.top))
     for (path, _), top in zip(inputs, tops):
         if args.json:
-            record = {"input": _display(path), "label": top[0][0]}
+            record = {"input": printable(path), "label": top[0][0]}
             _print_json({**record, "top": [{"label": c, "probability": p} for c, p in top]})
         else:
-            print("\t".join([_display(path), *(f"{label} ({prob:.4f})" for label, prob in top)]))
+            print("\t".join([printable(path), *(f"{label} ({prob:.4f})" for label, prob in top)]))
 
 
 def _embed(args: argparse.Namespace) -> None:
     if bool(args.text) == bool(args.files):
         raise InputError("embed takes either --text (one or more) or FILE arguments, not both and not neither")
-    inputs = [(text, "text") for text in args.text] if args.text else _expand_inputs(args.files)
+    inputs = [(text, "text") for text in args.text] if args.text else expand_inputs(args.files)
     if args.out is not None:
         _check_out(args.out, "embeddings")
     model = _open_model(args)
@@ -834,7 +851,7 @@ def _embed(args: argparse.Namespace) -> None:
     embeddings = torch.stack(rows).float().numpy()  # (N, E)
     if args.out is None:
         for (item, _), row in zip(inputs, embeddings.tolist()):
-            _print_json({"input": _display(item), "embedding": row})
+            _print_json({"input": printable(item), "embedding": row})
         return
     import numpy as np
 
@@ -842,12 +859,12 @@ def _embed(args: argparse.Namespace) -> None:
         with open(args.out, "wb") as f:
             np.save(f, embeddings)
     except OSError as e:
-        raise InputError(f"--out {_quoted(args.out)}: cannot write the embeddings ({e.strerror})") from None
+        raise InputError(f"--out {quoted(args.out)}: cannot write the embeddings ({e.strerror})") from None
     if args.json:
         for i, (item, _) in enumerate(inputs):
-            _print_json({"input": _display(item), "out": _display(args.out), "row": i})
+            _print_json({"input": printable(item), "out": printable(args.out), "row": i})
     shape = f"{embeddings.shape[0]}x{embeddings.shape[1]}"
-    print(f"mmfm: wrote {shape} float32 embeddings to {_display(args.out)}", file=sys.stderr)
+    print(f"mmfm: wrote {shape} float32 embeddings to {printable(args.out)}", file=sys.stderr)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -857,7 +874,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     if out.suffix.lower() not in Image.registered_extensions():
-        raise InputError(f"--out {_quoted(args.out)}: unknown image extension '{_quoted(out.suffix)}' (try .png)")
+        raise InputError(f"--out {quoted(args.out)}: unknown image extension '{quoted(out.suffix)}' (try .png)")
     _check_out(args.out, "image")
     from mmfm.text_generation import check_seed
 
@@ -866,7 +883,7 @@ def _generate(args: argparse.Namespace) -> None:
         conditions = {"text": args.text}
     else:
         modality = "audio" if args.audio else "image"
-        paths = [path for path, _ in _expand_inputs(args.audio or args.image, modalities=(modality,))]
+        paths = [path for path, _ in expand_inputs(args.audio or args.image, modalities=(modality,))]
         conditions = {MEDIA[modality].argument: paths}
     model = _open_model(args)
     from mmfm.pipelines import generate_image, image_grid
@@ -888,14 +905,14 @@ def _generate(args: argparse.Namespace) -> None:
     try:
         picture.save(out)
     except (OSError, ValueError) as e:
-        raise InputError(f"--out {_quoted(args.out)}: cannot write the image ({e})") from None
+        raise InputError(f"--out {quoted(args.out)}: cannot write the image ({e})") from None
     if args.json:
         for i, item in enumerate(items):
             cells = [divmod(i * args.num_images + j, columns) for j in range(args.num_images)]
-            record = {"input": _display(item), "out": _display(args.out), "cells": cells}
+            record = {"input": printable(item), "out": printable(args.out), "cells": cells}
             _print_json({**record, "cell_size": list(images[0].size)})
     what = "1 image" if len(images) == 1 else f"a grid of {len(images)} images"
-    print(f"mmfm: wrote {what} to {_display(args.out)}", file=sys.stderr)
+    print(f"mmfm: wrote {what} to {printable(args.out)}", file=sys.stderr)
 
 
 def _generate_text(args: argparse.Namespace) -> int | None:
@@ -914,7 +931,7 @@ def _generate_text(args: argparse.Namespace) -> int | None:
     chat = "--chat" if args.chat else "--as-chat" if args.as_chat else None
     if chat is not None and model.config.text.chat_template is None:
         raise InputError(
-            f"{chat}: the model {_quoted(args.model)} has no chat template (text.chat_template) to render a "
+            f"{chat}: the model {quoted(args.model)} has no chat template (text.chat_template) to render a "
             "conversation with; give PROMPT texts without --as-chat, or use a model that has one"
         )
     if args.chat:
@@ -940,7 +957,7 @@ def _chat(args: argparse.Namespace) -> int:
     model = _open_model(args)
     if model.config.text.chat_template is None:
         raise InputError(
-            f"chat: the model {_quoted(args.model)} has no chat template (text.chat_template) to render a "
+            f"chat: the model {quoted(args.model)} has no chat template (text.chat_template) to render a "
             "conversation with; use a model that has one (a Hugging Face or GGUF language model brings one)"
         )
     from mmfm.cli_chat import run_chat
@@ -1018,13 +1035,13 @@ def _export(args: argparse.Namespace) -> None:
     from mmfm.loader import check_export_output
 
     if args.to not in EXPORTERS:
-        raise InputError(f"--to {_quoted(args.to)}: unknown format (known: {', '.join(EXPORTERS)})")
+        raise InputError(f"--to {quoted(args.to)}: unknown format (known: {', '.join(EXPORTERS)})")
     check_export_output(args.model, args.out, args.overwrite)
     module, function = EXPORTERS[args.to]
     exporter = getattr(importlib.import_module(module), function)
     model = _open_model(args, device=None, dtype=None)
     exporter(model, args.out)
-    print(f"mmfm: wrote {_display(args.out)} ({args.to}, from {_display(args.model)})", file=sys.stderr)
+    print(f"mmfm: wrote {printable(args.out)} ({args.to}, from {printable(args.model)})", file=sys.stderr)
 
 
 def _no_dataset(args: argparse.Namespace) -> None:  # unreachable: argparse requires DATASET
@@ -1034,7 +1051,7 @@ def _no_dataset(args: argparse.Namespace) -> None:  # unreachable: argparse requ
 def _write_dataset(args: argparse.Namespace, writer: Callable[..., Path]) -> Path:
     """`writer(args.out, seed=args.seed)`, with the seed checked and a write failure as an InputError."""
     if not 0 <= args.seed < 2**64:
-        raise InputError(f"--seed must be a whole number in [0, 2**64 - 1], got {_quoted(str(args.seed))}")
+        raise InputError(f"--seed must be a whole number in [0, 2**64 - 1], got {quoted(str(args.seed))}")
     try:
         return writer(args.out, seed=args.seed)
     except OSError as e:
@@ -1081,7 +1098,7 @@ def _convert(args: argparse.Namespace) -> None:
     from mmfm.loader import check_convert_output, from_converted, parse_dtype
 
     if args.source not in list_sources():
-        raise InputError(f"--from {_quoted(args.source)}: unknown source (known: {', '.join(list_sources())})")
+        raise InputError(f"--from {quoted(args.source)}: unknown source (known: {', '.join(list_sources())})")
     dtype = parse_dtype(args.dtype)
     # an OUT that is SRC or lies inside it, or a non-mmfm folder without --overwrite, is refused before any reading
     check_convert_output(args.src, args.out, overwrite=args.overwrite)
@@ -1108,7 +1125,8 @@ def _serve(args: argparse.Namespace) -> None:
         if not os.path.isdir(folder):
             raise InputError(f"--allowed-dir {folder}: not a folder")
     api_key = args.api_key or os.environ.get("MMFM_API_KEY")
-    serve(_open_model(args), args.host, args.port, None, None, args.max_batch_size, api_key, args.allowed_dir)
+    model = _open_model(args)
+    serve(model, args.host, args.port, None, None, args.max_batch_size, api_key, args.allowed_dir, args.batch_wait_ms)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -1218,41 +1236,6 @@ def _batching(args: argparse.Namespace) -> dict[str, Any]:
     return {"batch_size": args.batch_size, "progress": sys.stderr.isatty()}
 
 
-def _expand_inputs(paths: Sequence[str], modalities: Sequence[str] = tuple(MEDIA)) -> list[tuple[str, str]]:
-    """(file, modality) of every input: files as given, folders walked recursively in sorted order.
-
-    In a folder, files whose extension no modality claims are skipped, as are hidden files and folders; a
-    file named directly must be of a known type, and a folder must hold at least one such file.
-    """
-    by_suffix = {ext: m for m in modalities for ext in MEDIA[m].extensions}
-    kinds = "; ".join(f"{MEDIA[m].argument}: {' '.join(MEDIA[m].extensions)}" for m in modalities)
-    found = []
-    for text in paths:
-        path = Path(text)
-        try:
-            is_dir, exists = path.is_dir(), path.exists()
-        except (OSError, ValueError) as e:
-            raise InputError(f"{_quoted(text)}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
-        if is_dir:
-            files = sorted(
-                p
-                for p in path.rglob("*")
-                if p.suffix.lower() in by_suffix
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                and p.is_file()
-            )
-            if not files:
-                raise InputError(f"{_quoted(text)}: no files of a known type in this folder or below ({kinds})")
-            found += [(str(p), by_suffix[p.suffix.lower()]) for p in files]
-        elif not exists:
-            raise InputError(f"{_quoted(text)}: no such file or folder")
-        elif path.suffix.lower() not in by_suffix:
-            raise InputError(f"{_quoted(text)}: unknown file type '{_quoted(path.suffix.lower())}'; {kinds}")
-        else:
-            found.append((text, by_suffix[path.suffix.lower()]))
-    return found
-
-
 def _run_grouped(inputs: Sequence[tuple[str, str]], run: Callable[[dict[str, list[str]]], Sequence[Any]]) -> list[Any]:
     """Calls `run` once per modality (`run({"images": [...]})`, `run({"text": [...]})`); results in input order."""
     groups: dict[str, list[int]] = {}
@@ -1281,7 +1264,7 @@ def _read_labels(labels: str | None, labels_file: str | None) -> list[str] | Non
         return _distinct_labels("--labels", found)
     if labels_file is None:
         return None
-    where = f"--labels-file {_quoted(labels_file)}"
+    where = f"--labels-file {quoted(labels_file)}"
     try:
         text = read_small_file(labels_file, "labels file", MAX_LABELS_FILE_BYTES, "mmfm.cli.MAX_LABELS_FILE_BYTES")
     except ConfigError as e:
@@ -1307,7 +1290,7 @@ def _distinct_labels(where: str, found: list[tuple[str, str]]) -> list[str]:
     if repeat is not None:
         first, again = repeat
         raise InputError(
-            f"{where}: {found[again][0]} repeats {_quoted(labels[again])!r} of {found[first][0]}; each label must "
+            f"{where}: {found[again][0]} repeats {quoted(labels[again])!r} of {found[first][0]}; each label must "
             "appear once (copies would split its probability)"
         )
     return labels
@@ -1327,7 +1310,7 @@ def _check_text_options(args: argparse.Namespace) -> None:
             except UnicodeEncodeError as e:
                 bad = os.fsencode(value[e.start : e.end]) if _escaped(value[e.start : e.end]) else b"?"
                 raise InputError(
-                    f"{option} {_quoted(value)}: is not valid UTF-8 text (the byte {bad!r} at character {e.start}); "
+                    f"{option} {quoted(value)}: is not valid UTF-8 text (the byte {bad!r} at character {e.start}); "
                     "mmfm reads text arguments as UTF-8"
                 ) from None
 
@@ -1340,7 +1323,7 @@ def _check_out(out: str, what: str) -> None:
     """Refuses an --out that cannot be written (a missing folder, a folder itself), before any work is done."""
     path = Path(out)
     folder = path.parent
-    where = f"--out {_quoted(out)}: cannot write the {what}"
+    where = f"--out {quoted(out)}: cannot write the {what}"
     try:
         is_dir = path.is_dir()
         folder_exists = folder.is_dir()
@@ -1349,38 +1332,20 @@ def _check_out(out: str, what: str) -> None:
     if is_dir:
         raise InputError(f"{where} (it is a folder; name a file)")
     if not folder_exists:
-        raise InputError(f"{where} (the folder {_quoted(str(folder))} does not exist)")
+        raise InputError(f"{where} (the folder {quoted(str(folder))} does not exist)")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{where} (the folder {_quoted(str(folder))} is not writable)")
-
-
-def _display(text: str) -> str:
-    """`text` as valid UTF-8 for printing: bytes of a non-UTF-8 file name are shown as \\xNN escapes."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        return os.fsencode(text).decode("utf-8", "backslashreplace")
-    except UnicodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _quoted(text: str) -> str:
-    """An argument as error messages quote it: printable, and shortened in the middle when very long."""
-    return shorten(_display(text), _QUOTE_LIMIT)
+        raise InputError(f"{where} (the folder {quoted(str(folder))} is not writable)")
 
 
 def _os_error(e: OSError) -> str:
     """One line for an OSError about a file: its (shortened) name and the system's reason."""
     reason = e.strerror or errno.errorcode.get(e.errno or 0) or str(e)
-    return f"{_quoted(str(e.filename))}: {reason}" if e.filename is not None else reason
+    return f"{quoted(str(e.filename))}: {reason}" if e.filename is not None else reason
 
 
 def _print_error(message: str) -> None:
     """`mmfm: error: ...` as one printable line on stderr, whatever the message holds."""
-    line = " ".join(_display(message).splitlines())
+    line = " ".join(printable(message).splitlines())
     print(f"mmfm: error: {line}", file=sys.stderr)
 
 

@@ -242,13 +242,41 @@ def _token_ids(model: MultimodalModel, started: Started) -> list[list[int]]:
 @torch.no_grad()
 def generate_batch(model: MultimodalModel, started: Started) -> list[str]:
     """The texts generated from a primed decoder (`start`), each cut at its first EOS or stop string."""
-    if not started.config.stop:
-        return [_text(model.tokenizer, row) for row in _token_ids(model, started)]
-    texts = [""] * len(started.prompt)
-    for step in stream_rows(model, started):
-        for row, piece, _ in step:
+    return [reply.text for reply in generate_replies(model, started)]
+
+
+class Reply(NamedTuple):
+    """One row's generated text, why it ended and how many tokens it took.
+
+    Attributes:
+        text: the text, cut at its first EOS or stop string.
+        finish: "stop" (an EOS or a stop string ended it) or "length" (its token limit did: `max_new_tokens`, or
+            the room `backbone.max_seq_len` left).
+        tokens: the tokens generated for it, the one that ended it (an EOS, the end of a stop string) included.
+    """
+
+    text: str
+    finish: str
+    tokens: int
+
+
+@torch.no_grad()
+def generate_replies(model: MultimodalModel, started: Started) -> list[Reply]:
+    """`generate_batch`'s texts, each with why it ended and how many tokens it took."""
+    config = started.config
+    if not config.stop:
+        limit = config.max_new_tokens
+        return [
+            Reply(_text(model.tokenizer, row), "length" if len(row) >= limit else "stop", min(len(row) + 1, limit))
+            for row in _token_ids(model, started)  # each cut before its EOS
+        ]
+    texts, ends = [""] * len(started.prompt), [("", 0)] * len(started.prompt)
+    for count, step in enumerate(stream_rows(model, started), 1):
+        for row, piece, finish in step:
             texts[row] += piece
-    return texts
+            if finish:
+                ends[row] = (finish, count)
+    return [Reply(text, *end) for text, end in zip(texts, ends)]
 
 
 @torch.no_grad()
@@ -266,24 +294,30 @@ def stream_rows(
     started: Started,
     stops: Sequence[Sequence[str]] | None = None,
     limits: Sequence[int] | None = None,
-) -> Iterator[list[tuple[int, str, bool]]]:
+    dropped: Callable[[int], bool] | None = None,
+) -> Iterator[list[tuple[int, str, str | None]]]:
     """Every row's text from a primed decoder (`start`), step by step: what a batch of streams reads.
 
-    Each decoding step yields `(row, piece, ended)` for every row still going: the text that became final at this
-    step ("" when none did; pieces never split a character) and whether the row ended here (an EOS, a stop string
-    or its token limit). A row is never named again after it ends; iteration stops when every row has ended.
+    Each decoding step yields `(row, piece, finish)` for every row still going: the text that became final at this
+    step ("" when none did; pieces never split a character) and, at the row's last step, why it ended: "stop" (an
+    EOS or a stop string) or "length" (its token limit), else None. A row is never named again after it ends;
+    iteration stops when every row has ended. Every row starts at the first step, so a row that ends at the n-th
+    step has generated n tokens.
 
     Args:
         model: the model.
         started: the primed decoder; its config decides how tokens are chosen.
         stops: each row's stop strings (default: the config's `stop` for every row).
         limits: each row's most new tokens (default, and at most: the config's `max_new_tokens`).
+        dropped: asked of each going row at each step, before its token is read: True ends the row there, unnamed
+            (nobody reads it any more), so that it no longer keeps the batch decoding.
     """
     state, config, prompt = started
     rows = len(prompt)
     eos = _eos_ids(model)
     sampler = Sampler(state, config, eos, _suppressed(model), prompt)
     texts = [_StoppingText(model.tokenizer, config.stop if stops is None else stops[i]) for i in range(rows)]
+    # at most config.max_new_tokens, the sampler's own limit: every row ends by the sampler's last step
     limits = [config.max_new_tokens] * rows if limits is None else [min(n, config.max_new_tokens) for n in limits]
     going = [True] * rows
     for count, tokens in enumerate(sampler, 1):
@@ -291,15 +325,16 @@ def stream_rows(
         for i, token in enumerate(tokens.tolist()):
             if not going[i]:
                 continue
-            ended = texts[i].push(token, token in eos) or count >= limits[i]
-            if ended:
+            if dropped is not None and dropped(i):
+                going[i], sampler.ended[i] = False, True
+                continue
+            stopped = texts[i].push(token, token in eos)
+            finish = "stop" if stopped else "length" if count >= limits[i] else None
+            if finish:
                 going[i] = False
                 sampler.ended[i] = True  # a stop string or its limit: the row ends here
-            step.append((i, texts[i].finish() if ended else texts[i].take(), ended))
+            step.append((i, texts[i].finish() if finish else texts[i].take(), finish))
         yield step
-    last = [(i, texts[i].finish(), True) for i in range(rows) if going[i]]  # max_new_tokens reached
-    if last:
-        yield last
 
 
 def _text(tokenizer: Any, ids: list[int]) -> str:

@@ -1,8 +1,10 @@
 """`mmfm serve`'s OpenAI-compatible API, driven by the official `openai` client against a server on a free localhost
 port: chat about images and sounds (data: URLs and allowed files), streamed and not, seeded sampling, embeddings,
-image generation and the model list give what the model itself gives; bad requests get OpenAI-shaped 4xx errors
-and the server keeps serving; eight concurrent clients each get their own answer; the API key guards every route,
-the web app's included; `mmfm serve` wires its options through and warns when it binds beyond localhost.
+image generation and the model list give what the model itself gives; completions say why they ended and count
+their tokens, streamed or not, and embeddings count theirs; a client that leaves mid-stream stops its decoding; bad
+requests get OpenAI-shaped 4xx errors and the server keeps serving; eight concurrent clients each get their own
+answer; the API key guards every route, the web app's included; `mmfm serve` wires its options through and warns
+when it binds beyond localhost.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from PIL import Image
 
 import mmfm
 from mmfm.cli import main
+from mmfm.text_pipeline import conversation_ids
 from tests.serve_support import running_server, tiny_serve_model, write_media
 
 KEY = "test-key-123"
@@ -127,17 +130,71 @@ def test_sampling_options_and_seeds_are_honoured(client, model):
     assert reply(client, [user("Tell me something")], **{**options, "stop": [stop]}) == first[: first.index(stop)]
 
 
+def test_completions_say_why_they_ended_and_count_their_tokens_streamed_or_not(client, model):
+    messages = [user("Tell me something")]
+    prompt_tokens = len(conversation_ids(model, messages))  # the conversation as the chat template renders it
+    longer = model.chat(messages, max_new_tokens=20)
+    assert model.chat(messages, max_new_tokens=12) != longer  # no EOS within 12 tokens: 12 ends it
+    full = {"prompt_tokens": prompt_tokens, "completion_tokens": 12, "total_tokens": prompt_tokens + 12}
+
+    done = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12)
+    assert done.choices[0].finish_reason == "length" and done.usage.model_dump(exclude_none=True) == full
+    chunks = list(
+        client.chat.completions.create(
+            model=NAME, messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    *texts, last = chunks  # the last chunk has no choices, only the usage
+    assert last.choices == [] and last.usage.model_dump(exclude_none=True) == full
+    assert [c.choices[0].finish_reason for c in texts] == [None] * (len(texts) - 1) + ["length"]
+    assert all(c.usage is None for c in texts)
+    assert "".join(c.choices[0].delta.content or "" for c in texts) == done.choices[0].message.content
+    plain = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, stream=True))
+    assert plain[-1].choices[0].finish_reason == "length" and all(c.usage is None for c in plain)
+
+    stop = longer[6:8]  # a stop string ends the reply before its limit
+    stopped = client.chat.completions.create(model=NAME, messages=messages, max_tokens=20, stop=[stop])
+    assert stopped.choices[0].message.content == longer[: longer.index(stop)]
+    assert stopped.choices[0].finish_reason == "stop" and 0 < stopped.usage.completion_tokens < 20
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_decoding(server, monkeypatch):
+    import mmfm.serve.engine as engine_module
+
+    steps = []  # how many rows each decoding step named, the steps slowed so that the client leaves mid-reply
+    real = engine_module.stream_rows
+
+    def slow(*args, **kwargs):
+        for step in real(*args, **kwargs):
+            steps.append(len(step))
+            threading.Event().wait(0.02)
+            yield step
+
+    monkeypatch.setattr(engine_module, "stream_rows", slow)
+    body = {"model": NAME, "messages": [user("Tell me a long story")], "max_tokens": 100, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i == 4:
+                break  # the client leaves
+    server.engine.caption(images=[np.zeros((8, 8, 3), np.uint8)])  # queued behind the reply: it has ended
+    assert steps and steps[-1] == 0 and len(steps) < 50  # the row was dropped, far short of its 100 tokens
+
+
 def test_embeddings_equal_model_embed_for_texts_and_images(client, model, media):
     texts = ["a red square", "a spoken seven"]
     got = client.embeddings.create(model=NAME, input=texts)  # the client asks for base64 floats
     vectors = torch.tensor([d.embedding for d in got.data])
     torch.testing.assert_close(vectors, model.embed(text=texts), rtol=1e-5, atol=1e-6)
+    _, mask = model.tokenizer(texts, model.config.text.max_length)  # the tokens each text is embedded from
+    assert got.usage.prompt_tokens == got.usage.total_tokens == int(mask.sum()) > 0
     as_floats = client.embeddings.create(model=NAME, input=texts, encoding_format="float")
     torch.testing.assert_close(torch.tensor([d.embedding for d in as_floats.data]), vectors)
     parts = [image_part(data_url(media["a"], "image/png")), image_part(str(media["b"]))]
     got = client.embeddings.create(model=NAME, input=parts)
     expected = model.embed(images=[media["a"], media["b"]])
     torch.testing.assert_close(torch.tensor([d.embedding for d in got.data]), expected, rtol=1e-5, atol=1e-6)
+    assert got.usage.prompt_tokens == 2 * model.num_media_tokens("image")
 
 
 def test_image_generation_returns_decodable_pngs(client, model):
@@ -180,6 +237,7 @@ def test_bad_requests_get_openai_shaped_errors_and_the_server_keeps_serving(clie
         (chat([]), 400, "messages", "non-empty"),
         (chat([user("hi")], temperature=5), 400, "temperature", "temperature"),
         (chat([user("hi")], n=3), 400, "n", "n must be 1"),
+        (chat([user("hi")], stream_options={"include_usage": True}), 400, "stream_options", "only allowed when stream"),
         (lambda: client.embeddings.create(model=NAME, input=[]), 400, "input", "input"),
         (lambda: client.images.generate(model=NAME, prompt="x", size="16x32"), 400, "size", "square"),
     ]
@@ -245,7 +303,8 @@ def test_the_serve_command_passes_its_options_and_warns_beyond_localhost(folder,
     calls = []
     monkeypatch.setattr(server_module, "serve", lambda *args: calls.append(args))
     argv = ["serve", "--model", str(folder / "model"), "--host", "0.0.0.0", "--port", "0", "--api-key", "k"]
-    assert main([*argv, "--allowed-dir", str(media["a"].parent), "--max-batch-size", "3"]) == 0
+    given = ["--allowed-dir", str(media["a"].parent), "--max-batch-size", "3", "--batch-wait-ms", "12.5"]
+    assert main([*argv, *given]) == 0
     ((model, *options),) = calls
     assert isinstance(model, mmfm.MultimodalModel) and options == [
         "0.0.0.0",
@@ -255,9 +314,13 @@ def test_the_serve_command_passes_its_options_and_warns_beyond_localhost(folder,
         3,
         "k",
         [str(media["a"].parent)],
+        12.5,
     ]
     assert main([*argv, "--allowed-dir", str(folder / "missing")]) == 2
     assert "--allowed-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--batch-wait-ms", "-1"])
+    assert "--batch-wait-ms" in capsys.readouterr().err
     server = server_module.create_server(model, host="0.0.0.0", port=0, ui=False)
     server.config.app.state.engine.close()
     assert "warning: serving on 0.0.0.0" in capsys.readouterr().err

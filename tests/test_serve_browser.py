@@ -1,7 +1,7 @@
 """`mmfm serve`'s web app in a real browser: headless Chromium (Debian's, driven by Playwright) opens the page the
-server serves, chats about an uploaded image over two turns, captions, classifies, searches a folder, generates
-images, and sees a broken upload refused in the page while the app carries on. What the page shows is what the
-model answers for the same input.
+server serves, chats about an uploaded image over two turns and about an uploaded sound, captions, classifies,
+searches a folder, generates images, and sees a broken upload refused in the page while the app carries on. What
+the page shows is what the model answers for the same input.
 
 Chromium is /usr/bin/chromium (`MMFM_CHROMIUM` names another); Playwright never downloads a browser. When it cannot
 start, the tests are skipped, or fail where `MMFM_REQUIRE_BROWSER=1` (CI, whose `.ci/run` installs Chromium).
@@ -167,8 +167,8 @@ def test_a_broken_upload_shows_an_error_and_the_app_keeps_working(page, served, 
     page.locator(".toast-close").click()
 
     page.locator("#chat-new").click()
-    _send(page, "What is in this picture?", media["b"])
-    expected = model.chat([user("<image>\nWhat is in this picture?")], images=[media["b"]], max_new_tokens=24)
+    _send(page, "What do you hear?", media["x"])  # a sound attached this time
+    expected = model.chat([user("<audio>\nWhat do you hear?")], audio=[media["x"]], max_new_tokens=24)
     assert _reply_when_done(page, 0) == expected
 
 

@@ -1,7 +1,8 @@
 """The serving engine: each caller gets exactly the reply `model.chat` gives its request, whether its request was
-decoded alone or batched with others (different lengths, media, token limits and stop strings), streamed or not;
-a slow reader holds up no one; seeds are honoured; bad requests fail in the caller's thread and the worker keeps
-serving; media references are decoded or confined to the allowed folders.
+decoded alone or batched with others (different lengths, media, token limits and stop strings), streamed or not,
+with why it ended and its token counts; requests arriving within the gather window join one batch; a slow reader
+holds up no one, and an abandoned reply stops decoding; seeds are honoured; bad requests fail in the caller's
+thread and the worker keeps serving; media references and folders are decoded or confined to the allowed folders.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import base64
 import io
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,8 +21,10 @@ import torch
 from PIL import Image
 
 import mmfm.serve.engine as engine_module
+from mmfm.chat_format import ChatFormat
+from mmfm.chat_pipeline import encode_conversation
 from mmfm.errors import InputError
-from mmfm.serve.engine import Engine, capabilities
+from mmfm.serve.engine import ChatReply, Engine, capabilities
 from tests.serve_support import tiny_serve_model, write_media
 
 
@@ -93,6 +97,61 @@ def test_requests_queued_together_are_batched_and_each_gets_model_chat_s_reply(e
         replies = [f.result(timeout=60) for f in futures]
     assert replies == expected
     assert batch_sizes == [4]  # one batch, although limits and stop strings differ
+
+
+def test_replies_say_why_they_ended_and_count_their_tokens(engine, model, media):
+    messages, images = [user("<image>\nWhat is this?")], [media["a"]]
+    prompt = len(encode_conversation(ChatFormat.from_model(model), messages, {"image": images, "audio": []}))
+    assert prompt > model.num_media_tokens("image")  # the image's tokens are counted, and the text's
+    text = model.chat(messages, images=images, max_new_tokens=10)
+    assert model.chat(messages, images=images, max_new_tokens=14) != text  # no EOS within 10 tokens: 10 ends it
+    assert engine.reply(messages, images, max_new_tokens=10) == ChatReply(text, "length", prompt, 10)
+    stream = engine.chat_stream(messages, images, max_new_tokens=10)
+    assert stream.reply is None and "".join(stream) == text and stream.reply == ChatReply(text, "length", prompt, 10)
+    stop = text[4:6]
+    stopped = engine.reply(messages, images, max_new_tokens=10, stop=[stop])
+    assert (stopped.text, stopped.finish_reason) == (text[: text.index(stop)], "stop")
+    assert 0 < stopped.completion_tokens < 10
+
+
+def test_requests_arriving_within_the_gather_window_join_one_batch(model, batch_sizes):
+    patient = Engine(model, max_batch_size=3, batch_wait_ms=2000)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            started = time.monotonic()
+            futures = []
+            for i in range(3):  # 50 ms apart: each finds the batch still gathering
+                futures.append(pool.submit(patient.chat, [user(f"request {i}")], max_new_tokens=4))
+                time.sleep(0.05)
+            replies = [f.result(timeout=60) for f in futures]
+            waited = time.monotonic() - started
+    finally:
+        patient.close()
+    assert batch_sizes == [3] and replies == [model.chat([user(f"request {i}")], max_new_tokens=4) for i in range(3)]
+    assert waited < 1.5  # a full batch starts without waiting out the window
+
+
+def test_an_abandoned_reply_stops_decoding_and_its_batch_ends_with_the_others(engine, model, media, monkeypatch):
+    named = []  # the rows each decoding step named
+    real = engine_module.stream_rows
+
+    def recording(*args, **kwargs):
+        for step in real(*args, **kwargs):
+            named.append([row for row, _, _ in step])
+            yield step
+
+    monkeypatch.setattr(engine_module, "stream_rows", recording)
+    release = hold_worker(engine)
+    left = engine.chat_stream([user("<image>\nTell me a long story")], [media["a"]], max_new_tokens=60)
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(engine.chat, [user("<image> quick")], [media["b"]], max_new_tokens=5)
+        while engine._queue.qsize() < 2:
+            time.sleep(0.01)
+        left.close()  # the reader leaves before its reply is decoded
+        release.set()
+        assert other.result(timeout=60) == model.chat([user("<image> quick")], images=[media["b"]], max_new_tokens=5)
+    assert list(left) == [] and left.reply is None
+    assert named == [[1]] * 5  # row 0 was never decoded for, and the batch stopped with row 1, not 60 steps on
 
 
 def test_streamed_pieces_join_to_the_reply_and_a_slow_reader_blocks_no_one(engine, model, media):
@@ -206,9 +265,39 @@ def test_local_files_are_read_only_inside_the_allowed_folders(engine, model, med
         link.unlink()
     with pytest.raises(InputError, match="no such file"):
         engine.resolve_media(str(inside.parent / "missing.png"))
+    with pytest.raises(InputError, match="outside the folders"):
+        engine.resolve_folder(str(tmp_path))
     closed = Engine(model)
     try:
         with pytest.raises(InputError, match="reads no local files"):
             closed.resolve_media(str(inside))
     finally:
         closed.close()
+
+
+def test_a_folder_is_listed_only_inside_the_allowed_folders(model, media, tmp_path):
+    allowed = tmp_path / "allowed"
+    (allowed / "sub" / ".hidden").mkdir(parents=True)
+    (allowed / "empty").mkdir()
+    for name, where in (("a", "sub"), ("x", "sub"), ("b", "sub/.hidden")):
+        (allowed / where / media[name].name).write_bytes(media[name].read_bytes())
+    (allowed / "notes.txt").write_text("not a medium")
+    folders = Engine(model, allowed_dirs=[allowed])
+    try:
+        expected = [(str(allowed / "sub" / "a.png"), "image"), (str(allowed / "sub" / "x.wav"), "audio")]
+        assert folders.resolve_folder(str(allowed)) == expected
+        assert folders.resolve_folder(f"{allowed}/sub/../sub") == expected
+        for folder, why in [
+            (str(media["a"].parent), "outside the folders"),
+            (f"{allowed}/..", "outside the folders"),
+            (str(allowed / "missing"), "no such folder"),
+            (str(allowed / "sub" / "a.png"), "no such folder"),
+            (str(allowed / "empty"), "no files of a known type"),
+        ]:
+            with pytest.raises(InputError, match=why):
+                folders.resolve_folder(folder)
+        os.symlink(media["c"], allowed / "sub" / "c.png")  # a link out of the allowed folders is refused
+        with pytest.raises(InputError, match="c.png.* outside the folders"):
+            folders.resolve_folder(str(allowed))
+    finally:
+        folders.close()

@@ -13,7 +13,10 @@ A message's content is a string or a list of parts: `text`, `image_url` (a data:
 allowed folders) and `input_audio` (`{"data": base64, "format": "wav"}`). Each media part becomes an `<image>` or
 `<audio>` placeholder where it stands, parts joined by newlines, so the conversation reaches `Engine.chat` as
 `model.chat` takes it. Without `temperature` (or with 0) the reply is greedy, as `model.chat` answers by default;
-`temperature > 0` samples, with `top_p` and `seed`.
+`temperature > 0` samples, with `top_p` and `seed`. A completion's `finish_reason` is "length" when the reply hit
+`max_tokens` (or the model's sequence length) and "stop" otherwise, and its `usage` counts the conversation's
+tokens (media tokens included) and the reply's; a stream sends its usage in a last chunk when asked with
+`stream_options: {"include_usage": true}`, as OpenAI does. Embeddings count the tokens the model read.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for a request the model cannot
 answer (malformed JSON or fields, unreadable media, a file outside the allowed folders, too long a conversation, a
@@ -31,15 +34,15 @@ import math
 import numbers
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from mmfm.errors import InputError
-from mmfm.serve.engine import Engine
+from mmfm.serve.engine import ChatReply, ChatStream, Engine
 
 MAX_BODY_BYTES = 64 * 2**20  # data: URLs of a few images or clips fit
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
@@ -105,19 +108,24 @@ def _router(engine: Engine) -> APIRouter:
         _need(engine, "chat")
         _refuse_unsupported(body, n=1)
         generation, stream = _generation(body), _flag(body, "stream")
+        include_usage = _include_usage(body, stream)
 
-        def answer() -> str | Iterator[str]:  # media decoding and the wait for the reply block: a server thread's
+        def answer() -> ChatReply | ChatStream:  # media decoding and the wait for the reply block: a server thread's
             messages, images, audio = _conversation(engine, body.get("messages"))
-            return (engine.chat_stream if stream else engine.chat)(messages, images, audio, **generation)
+            return (engine.chat_stream if stream else engine.reply)(messages, images, audio, **generation)
 
-        reply = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
-        text = await run_in_threadpool(answer)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_name}
+        answered = await run_in_threadpool(answer)
         if stream:
-            return StreamingResponse(_events(text, reply), media_type="text/event-stream")
+            return StreamingResponse(
+                _sent(request, _events(answered, head, include_usage)), media_type="text/event-stream"
+            )
+        message = {"role": "assistant", "content": answered.text}
         return {
-            **reply,
+            **head,
             "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "finish_reason": answered.finish_reason}],
+            "usage": _usage(answered),
         }
 
     @router.post("/embeddings")
@@ -132,6 +140,7 @@ def _router(engine: Engine) -> APIRouter:
             raise APIError(400, "dimensions is not supported: the model's embeddings have one size", "dimensions")
         inputs = await run_in_threadpool(_embedding_inputs, engine, body.get("input"))
         vectors = await run_in_threadpool(engine.embed, **inputs)
+        tokens = await run_in_threadpool(engine.count_tokens, **inputs)
         rows = vectors.float().numpy()
 
         def encoded(row: Any) -> Any:
@@ -142,7 +151,7 @@ def _router(engine: Engine) -> APIRouter:
             "object": "list",
             "data": data,
             "model": engine.model_name,
-            "usage": {"prompt_tokens": 0, "total_tokens": 0},
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
     @router.post("/images/generations")
@@ -255,6 +264,18 @@ def _generation(body: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def _include_usage(body: dict[str, Any], stream: bool) -> bool:
+    """`stream_options.include_usage`: whether a stream ends with a chunk of its token counts."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+    if not isinstance(options, dict):
+        raise APIError(400, "stream_options must be an object, such as {'include_usage': true}", "stream_options")
+    return _flag(options, "include_usage", "stream_options.include_usage")
+
+
 def _conversation(engine: Engine, messages: Any) -> tuple[list[dict[str, str]], list[Any], list[Any]]:
     """OpenAI messages -> (mmfm turns with placeholders, images, audio), media resolved in placeholder order."""
     if not isinstance(messages, list) or not messages:
@@ -340,10 +361,10 @@ def _embedding_inputs(engine: Engine, given: Any) -> dict[str, Any]:
     return {"images": images} if images else {"audio": audio}
 
 
-def _flag(body: dict[str, Any], name: str) -> bool:
+def _flag(body: dict[str, Any], name: str, where: str | None = None) -> bool:
     value = body.get(name, False)
     if not isinstance(value, bool) and value is not None:
-        raise APIError(400, f"{name} must be true or false, got {value!r}", name)
+        raise APIError(400, f"{where or name} must be true or false, got {value!r}", where or name)
     return bool(value)
 
 
@@ -385,9 +406,33 @@ def _png(image: Any) -> str:
 # ---- streaming ----
 
 
-def _events(pieces: Iterator[str], reply: dict[str, Any]) -> Iterator[str]:
-    """A reply's pieces as server-sent chat.completion.chunk events, then `[DONE]`; a failure is an error event."""
-    chunk = {**reply, "object": "chat.completion.chunk"}
+async def _sent(request: Request, events: Generator[str, None, None]) -> AsyncIterator[str]:
+    """`events` read in a server thread until they end or the client leaves, then closed (which ends the reply's
+    decoding): uvicorn drops what is sent to a client that has gone, so the server must ask whether it is there."""
+    try:
+        async for event in iterate_in_threadpool(events):
+            if await request.is_disconnected():
+                break
+            yield event
+    finally:
+        events.close()
+
+
+def _usage(reply: ChatReply) -> dict[str, int]:
+    return {
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+    }
+
+
+def _events(pieces: ChatStream, head: dict[str, Any], include_usage: bool) -> Generator[str, None, None]:
+    """A reply's pieces as server-sent chat.completion.chunk events, the last with its finish_reason, then (when
+    `include_usage`) a chunk of its token counts with no choices, then `[DONE]`; a failure is an error event.
+
+    With `include_usage`, every other chunk carries `"usage": null`, as OpenAI's do.
+    """
+    chunk = {**head, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
 
     def event(delta: dict[str, Any], finish: str | None = None) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
@@ -403,8 +448,8 @@ def _events(pieces: Iterator[str], reply: dict[str, Any]) -> Iterator[str]:
         yield f"data: {json.dumps(_error(status, message))}\n\n"
         return
     finally:
-        close = getattr(pieces, "close", None)
-        if close is not None:
-            close()
-    yield event({}, "stop")
+        pieces.close()  # a client that left stops the decoding of its reply
+    yield event({}, pieces.reply.finish_reason)
+    if include_usage:
+        yield f"data: {json.dumps({**chunk, 'choices': [], 'usage': _usage(pieces.reply)})}\n\n"
     yield "data: [DONE]\n\n"

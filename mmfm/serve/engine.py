@@ -11,9 +11,12 @@ engine.close()
 Callers run in their own threads (a web server's). A chat request is checked, encoded and its media loaded in the
 caller's thread, so a bad request fails there and never reaches the worker; the worker then answers the chat
 requests waiting in the queue together, up to `max_batch_size` at once, when their generation settings allow it
-(`_batch_key`), and hands each decoding step's pieces to per-request queues, so a slow reader never holds up the
-worker or the other requests of its batch. Captions, classifications, embeddings and images are run by the worker
-one request at a time.
+(`_batch_key`). Before it starts a batch it waits up to `batch_wait_ms` for more requests to join, so that a burst
+of requests, which reach the queue a few milliseconds apart, is answered in one batch rather than its first request
+alone while the others wait for it. Each decoding step's pieces go to per-request queues, so a slow reader never
+holds up the worker or the other requests of its batch; a reader that stops reading (`ChatStream.close`) ends its
+row at the next step, so it no longer keeps its batch decoding. Captions, classifications, embeddings and images
+are run by the worker one request at a time.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import os
 import queue
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,12 +41,17 @@ from torch import Tensor, nn
 
 from mmfm.chat_format import ChatFormat, EncodedConversation
 from mmfm.chat_pipeline import encode_conversation, process_conversation_media, start_processed
+from mmfm.config import MEDIA
 from mmfm.errors import InputError
+from mmfm.inputs import expand_inputs, quoted
 from mmfm.pipelines import Classification
 from mmfm.text_generation import GenerationConfig
-from mmfm.text_pipeline import check_prompt_lengths, generate_batch, stream_rows
+from mmfm.text_pipeline import check_prompt_lengths, generate_replies, stream_rows
 
 CAPABILITIES = ("chat", "caption", "classify", "search", "generate")
+# Eight HTTP requests sent at once reach the queue over 10-20 ms on 2 CPU cores (uvicorn's threads parse and decode
+# them under the GIL): a 20 ms window gathers them into one batch; 5-10 ms split them in two.
+DEFAULT_BATCH_WAIT_MS = 20.0
 
 
 def capabilities(model: nn.Module) -> frozenset[str]:
@@ -70,8 +80,72 @@ class _ChatJob:
     config: GenerationConfig
     length: int  # prompt tokens, media included
     whole: bool  # the reply is given in one piece when it ends (no thread wakes up for each piece)
-    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # pieces, then _END or an exception
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # pieces, then a _Finish; or an exception
     abandoned: bool = False  # the reader stopped reading
+
+
+@dataclass(frozen=True)
+class _Finish:
+    """A reply's last item: why it ended and how many tokens it took (`mmfm.text_pipeline.Reply`)."""
+
+    reason: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """A whole reply, why it ended and its token counts (what an API reports as `finish_reason` and `usage`).
+
+    Attributes:
+        text: the reply.
+        finish_reason: "stop" (an EOS or a stop string ended it) or "length" (`max_new_tokens` did, or the room
+            the model's `backbone.max_seq_len` left).
+        prompt_tokens: the positions the conversation takes in the model's sequence, media tokens included.
+        completion_tokens: the tokens generated, the one that ended the reply (an EOS, a stop string's last)
+            included.
+    """
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ChatStream:
+    """One reply's pieces as the worker decodes them, an iterator of str; once the last is read, `reply` holds the
+    whole reply with why it ended and its token counts.
+
+    `close()`, or dropping the stream unread, abandons the reply: the worker ends its row at its next step.
+    """
+
+    def __init__(self, job: _ChatJob):
+        self._job = job
+        self._pieces: list[str] = []
+        self.reply: ChatReply | None = None
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> str:
+        if self.reply is not None or self._job.abandoned:
+            raise StopIteration
+        item = self._job.out.get()
+        if isinstance(item, _Finish):
+            self.reply = ChatReply("".join(self._pieces), item.reason, self._job.length, item.tokens)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        self._pieces.append(item)
+        return item
+
+    def close(self) -> None:
+        """Stops reading: the rest of the reply is not decoded."""
+        if self.reply is None:
+            self._job.abandoned = True
+
+    def __del__(self) -> None:
+        self.close()
 
 
 @dataclass(eq=False)
@@ -82,7 +156,6 @@ class _Call:
     future: Future = field(default_factory=Future)
 
 
-_END = object()  # a reply's last item
 _CLOSE = object()  # tells the worker to stop
 
 
@@ -92,18 +165,35 @@ class Engine:
     Args:
         model: the model; it is put in eval mode and used by the worker thread only.
         max_batch_size: most chat requests decoded together.
-        allowed_dirs: folders whose files requests may name (`resolve_media`); none by default.
+        batch_wait_ms: how long a batch waits, from its first request, for more requests to join it before it
+            starts decoding (it starts as soon as it is full); 0 starts with the requests already queued.
+        allowed_dirs: folders whose files requests may name (`resolve_media`, `resolve_folder`); none by default.
 
     Attributes:
         capabilities: what the model can serve (`capabilities`).
         model_name: the model's config name, as the API lists it.
     """
 
-    def __init__(self, model: nn.Module, *, max_batch_size: int = 8, allowed_dirs: Sequence[str | Path] = ()):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+        allowed_dirs: Sequence[str | Path] = (),
+    ):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise InputError(f"max_batch_size must be a whole number >= 1, got {max_batch_size!r}")
+        if (
+            isinstance(batch_wait_ms, bool)
+            or not isinstance(batch_wait_ms, (int, float))
+            or not math.isfinite(batch_wait_ms)
+            or batch_wait_ms < 0
+        ):
+            raise InputError(f"batch_wait_ms must be a number of milliseconds >= 0, got {batch_wait_ms!r}")
         self.model = model.eval()
         self.max_batch_size = max_batch_size
+        self.batch_wait = batch_wait_ms / 1000  # seconds
         self.allowed_dirs = tuple(Path(os.path.realpath(d)) for d in allowed_dirs)
         for folder in self.allowed_dirs:
             if not folder.is_dir():
@@ -128,8 +218,20 @@ class Engine:
         **generation: Any,
     ) -> str:
         """The reply to one conversation, as `model.chat(messages, images, audio, **generation)` gives it."""
-        job = self._chat_job(messages, images, audio, generation, whole=True)
-        return "".join(self._pieces(job))
+        return self.reply(messages, images, audio, **generation).text
+
+    def reply(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        images: Sequence[Any] = (),
+        audio: Sequence[Any] = (),
+        **generation: Any,
+    ) -> ChatReply:
+        """The reply to one conversation (`chat`), with why it ended and its token counts."""
+        stream = ChatStream(self._chat_job(messages, images, audio, generation, whole=True))
+        for _ in stream:  # one piece: the whole reply
+            pass
+        return stream.reply
 
     def chat_stream(
         self,
@@ -137,8 +239,9 @@ class Engine:
         images: Sequence[Any] = (),
         audio: Sequence[Any] = (),
         **generation: Any,
-    ) -> Iterator[str]:
-        """The reply to one conversation in pieces, as the worker decodes them.
+    ) -> ChatStream:
+        """The reply to one conversation in pieces, as the worker decodes them; the stream's `reply` holds the whole
+        reply, why it ended and its token counts once the last piece is read.
 
         The request is checked, encoded and its media loaded before this returns, so a bad request raises here,
         not while the pieces are read.
@@ -153,7 +256,7 @@ class Engine:
             InputError: the model cannot chat; a malformed conversation, media that do not match its placeholders
                 or cannot be loaded, a conversation too long to answer, a bad generation option.
         """
-        return self._pieces(self._chat_job(messages, images, audio, generation, whole=False))
+        return ChatStream(self._chat_job(messages, images, audio, generation, whole=False))
 
     def _chat_job(
         self, messages: Any, images: Sequence[Any], audio: Sequence[Any], generation: dict[str, Any], whole: bool
@@ -192,6 +295,22 @@ class Engine:
         """(B, E) unit embeddings of texts, images or clips (`model.embed`)."""
         return self._call(lambda: self.model.embed(text=text, images=images, audio=audio))
 
+    def count_tokens(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: Sequence[Any] | None = None,
+        audio: Sequence[Any] | None = None,
+    ) -> int:
+        """The tokens the model reads to embed these inputs (what an API reports as usage): each text's tokens as
+        `embed` frames them (BOS and EOS included, cut at `text.max_length`), each image's or clip's media tokens.
+        """
+        model = self.model
+        if text is not None:
+            _, mask = model.tokenizer([text] if isinstance(text, str) else list(text), model.config.text.max_length)
+            return int(mask.sum())
+        given = {"image": images, "audio": audio}
+        return sum(model.num_media_tokens(m) * len(items) for m, items in given.items() if items)
+
     def generate_images(self, prompts: list[str], **options: Any) -> list[Image.Image]:
         """Images generated from prompts (`model.generate_image` options: num_images, guidance_scale, seed...)."""
         return self._call(lambda: self.model.generate_image(text=prompts, **options))
@@ -217,14 +336,33 @@ class Engine:
         path = reference.removeprefix("file://")
         if "://" in path:
             raise InputError(f"{_short(reference)}: only data: URLs and local files are read (no network)")
+        real = self._allowed(path)
+        if not real.is_file():
+            raise InputError(f"{quoted(path)}: no such file")
+        return str(real)
+
+    def resolve_folder(self, folder: str) -> list[tuple[str, str]]:
+        """The images and sounds in a folder inside the allowed folders, or below it, in sorted order (hidden ones
+        skipped, `mmfm.inputs.expand_inputs`): (resolved path, modality) of each.
+
+        Raises:
+            InputError: a folder outside every allowed folder, missing, or holding no image or sound; a file in it
+                that links out of the allowed folders.
+        """
+        if not isinstance(folder, str) or not folder:
+            raise InputError(f"a folder must be a path, got {_short(folder)}")
+        if not self._allowed(folder).is_dir():
+            raise InputError(f"{quoted(folder)}: no such folder")
+        return [(self.resolve_media(path), modality) for path, modality in expand_inputs([folder], tuple(MEDIA))]
+
+    def _allowed(self, path: str) -> Path:
+        """`path` resolved (links followed), if it lies inside an allowed folder: the one confinement rule."""
         if not self.allowed_dirs:
-            raise InputError(f"{_short(reference)}: this server reads no local files (start it with --allowed-dir)")
+            raise InputError(f"{quoted(path)}: this server reads no local files (start it with --allowed-dir)")
         real = Path(os.path.realpath(path))
         if not any(real.is_relative_to(folder) for folder in self.allowed_dirs):
-            raise InputError(f"{_short(reference)} is outside the folders this server may read (--allowed-dir)")
-        if not real.is_file():
-            raise InputError(f"{_short(reference)}: no such file")
-        return str(real)
+            raise InputError(f"{quoted(path)} is outside the folders this server may read (--allowed-dir)")
+        return real
 
     def close(self) -> None:
         """Answers the requests already queued, then stops the worker; later requests raise RuntimeError."""
@@ -248,16 +386,6 @@ class Engine:
         self._submit(call)
         return call.future.result()
 
-    @staticmethod
-    def _pieces(job: _ChatJob) -> Iterator[str]:
-        try:
-            while (item := job.out.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            job.abandoned = True
-
     # ---- the worker's side ----
 
     def _work(self) -> None:
@@ -267,19 +395,22 @@ class Engine:
             else:
                 self._decode(self._gather(job))
 
-    def _next(self, block: bool) -> Any:
+    def _next(self, block: bool, timeout: float | None = None) -> Any:
+        """The next job: a left one first, else from the queue (waiting at most `timeout` seconds); None if none."""
         if self._waiting:
             return self._waiting.popleft()
         try:
-            return self._queue.get(block=block)
+            return self._queue.get(block=block and (timeout is None or timeout > 0), timeout=timeout)
         except queue.Empty:
             return None
 
     def _gather(self, first: _ChatJob) -> list[_ChatJob]:
-        """`first` and the waiting chat jobs that can be decoded with it, in arrival order; the others wait."""
+        """`first` and the chat jobs that can be decoded with it, in arrival order: those waiting, and those that
+        arrive within `batch_wait` of `first` being taken, until the batch is full; the others wait."""
         batch, left = [first], []
+        deadline = time.monotonic() + self.batch_wait
         while _batch_key(first) is not None and len(batch) < self.max_batch_size:
-            job = self._next(block=False)
+            job = self._next(block=True, timeout=deadline - time.monotonic())
             if job is None:
                 break
             if job is _CLOSE:
@@ -306,26 +437,25 @@ class Engine:
             config = replace(batch[0].config, max_new_tokens=max(j.config.max_new_tokens for j in batch), stop=())
             if config.num_beams > 1:  # alone (`_batch_key`); beams have no steps to stream
                 (job,) = batch
-                started = start_processed(self.model, [job.prompt], job.config)
-                job.out.put(generate_batch(self.model, started)[0])
-                job.out.put(_END)
+                (reply,) = generate_replies(self.model, start_processed(self.model, [job.prompt], job.config))
+                job.out.put(reply.text)
+                job.out.put(_Finish(reply.finish, reply.tokens))
                 return
             started = start_processed(self.model, [j.prompt for j in batch], config)
             stops, limits = [j.config.stop for j in batch], [j.config.max_new_tokens for j in batch]
             held = [""] * len(batch)  # the replies of jobs that take theirs whole
-            for step in stream_rows(self.model, started, stops, limits):
-                for row, piece, ended in step:
+            steps = stream_rows(self.model, started, stops, limits, dropped=lambda row: batch[row].abandoned)
+            for count, step in enumerate(steps, 1):
+                for row, piece, finish in step:
                     job = batch[row]
                     if job.whole:
                         held[row] += piece
                     elif piece:
                         job.out.put(piece)
-                    if ended:
+                    if finish:
                         if job.whole:
                             job.out.put(held[row])
-                        job.out.put(_END)
-                if all(j.abandoned for j in batch):
-                    return
+                        job.out.put(_Finish(finish, count))  # a row ending at step n generated n tokens
         except Exception as error:  # the callers' error, not the worker's: it keeps serving
             for job in batch:
                 job.out.put(error)

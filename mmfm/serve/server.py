@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode
 
 from torch import nn
 
-from mmfm.serve.engine import Engine
+from mmfm.serve.engine import DEFAULT_BATCH_WAIT_MS, Engine
 
 KEY_COOKIE = "mmfm_api_key"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -37,9 +37,12 @@ def serve(
     max_batch_size: int = 8,
     api_key: str | None = None,
     allowed_dirs: Sequence[str | Path] = (),
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
 ) -> None:
     """Serves a model until interrupted (Ctrl-C); see `create_server` for the arguments."""
-    server = create_server(model_ref, host, port, device, dtype, max_batch_size, api_key, allowed_dirs)
+    server = create_server(
+        model_ref, host, port, device, dtype, max_batch_size, api_key, allowed_dirs, batch_wait_ms=batch_wait_ms
+    )
     try:
         server.run()
     finally:
@@ -56,6 +59,7 @@ def create_server(
     api_key: str | None = None,
     allowed_dirs: Sequence[str | Path] = (),
     ui: bool = True,
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
 ) -> Any:
     """A uvicorn server, not yet running, for a model's API and web app; binding anywhere but localhost warns.
 
@@ -69,6 +73,7 @@ def create_server(
         api_key: when set, every request (API and web app) must carry it (`app_with_key`).
         allowed_dirs: folders whose files requests may name.
         ui: mount the Gradio web app at "/" (needs the `serve` extra).
+        batch_wait_ms: how long a batch of chat requests waits for more to join it before it starts (`Engine`).
 
     Returns:
         A `uvicorn.Server`; its `config.app.state.engine` is the engine, to `close()` after the server stops.
@@ -80,7 +85,7 @@ def create_server(
         from mmfm.loader import open_model, parse_dtype
 
         model, _ = open_model(str(model_ref), device=device, dtype=parse_dtype(dtype))
-    engine = Engine(model, max_batch_size=max_batch_size, allowed_dirs=allowed_dirs)
+    engine = Engine(model, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, allowed_dirs=allowed_dirs)
     if host not in LOCAL_HOSTS:
         print(
             f"mmfm: warning: serving on {host}: other machines can reach this model"

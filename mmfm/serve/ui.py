@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import html
 import inspect
-import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -194,7 +193,7 @@ def _search_tab(engine: Engine) -> None:
 
     @_page_errors
     def embed_files(directory: str, files: list[str] | None) -> tuple[dict, str]:
-        found = _folder_files(engine, directory.strip()) if directory.strip() else []
+        found = engine.resolve_folder(directory.strip()) if directory.strip() else []
         found += [(path, _modality(path)) for path in files or []]
         if not found:
             raise InputError("name a folder or upload files to embed")
@@ -334,28 +333,6 @@ def _modality(path: str) -> str:
             f"{' '.join(MEDIA['image'].extensions)}; sounds: {' '.join(MEDIA['audio'].extensions)}"
         )
     return _BY_SUFFIX[suffix]
-
-
-def _folder_files(engine: Engine, folder: str) -> list[tuple[str, str]]:
-    """(path, modality) of each image and sound in `folder` or below, in sorted order (hidden ones skipped).
-
-    The folder must lie inside one the operator allowed (checked before it is walked), and so must each file
-    (`Engine.resolve_media`), so a link pointing out of the allowed folders is refused.
-    """
-    root = Path(os.path.realpath(folder))
-    if not any(root.is_relative_to(allowed) for allowed in engine.allowed_dirs):
-        raise InputError(f"{folder}: outside the folders this server may read")
-    if not root.is_dir():
-        raise InputError(f"{folder}: no such folder")
-    files = [
-        p
-        for p in sorted(root.rglob("*"))
-        if p.suffix.lower() in _BY_SUFFIX and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    ]
-    found = [(engine.resolve_media(str(p)), _BY_SUFFIX[p.suffix.lower()]) for p in files if p.is_file()]
-    if not found:
-        raise InputError(f"{folder}: no images or sounds in this folder or below")
-    return found
 
 
 def _thumbnail(path: str) -> Image.Image:
