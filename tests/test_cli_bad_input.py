@@ -195,10 +195,17 @@ def test_an_out_that_cannot_be_written_fails_before_any_work(capsys, tmp_path, a
 
 def test_eval_out_creates_its_folder_and_writes_the_printed_metrics(capsys, files, tiny_digits, tmp_path):
     out = tmp_path / "new" / "deeper" / "metrics.json"
-    assert main(["eval", "--model", files["ckpt"], "--data", str(tiny_digits / "val.jsonl"), "--out", str(out)]) == 0
-    printed = dict(line.split(": ") for line in capsys.readouterr().out.splitlines())
-    written = json.loads(out.read_text())
-    assert {k: f"{v:.4f}" for k, v in written.items()} == printed
+    data = str(tiny_digits / "val.jsonl")
+    assert main(["eval", "--model", files["ckpt"], "--data", data, "--metrics", "loss,top1", "--out", str(out)]) == 0
+    header, *rows = capsys.readouterr().out.splitlines()  # "task  metric  value", then one row per number
+    assert header.split() == ["task", "metric", "value"]
+    printed, task = {}, None
+    for row in rows:  # a task's name is on its first row only
+        *named, metric, value = row.split()
+        task = named[0] if named else task
+        printed[f"val/{task}/{metric}"] = value
+    written = json.loads(out.read_text())["metrics"]
+    assert printed and {k: f"{v:.4f}" for k, v in written.items()} == printed
     assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]  # no temporary file left beside it
 
 
