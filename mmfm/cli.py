@@ -1126,7 +1126,15 @@ def _serve(args: argparse.Namespace) -> None:
             raise InputError(f"--allowed-dir {folder}: not a folder")
     api_key = args.api_key or os.environ.get("MMFM_API_KEY")
     model = _open_model(args)
-    serve(model, args.host, args.port, None, None, args.max_batch_size, api_key, args.allowed_dir, args.batch_wait_ms)
+    serve(
+        model,
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        api_key=api_key,
+        allowed_dirs=args.allowed_dir,
+        batch_wait_ms=args.batch_wait_ms,
+    )
 
 
 def _train(args: argparse.Namespace) -> None:

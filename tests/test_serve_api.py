@@ -301,21 +301,19 @@ def test_the_serve_command_passes_its_options_and_warns_beyond_localhost(folder,
     import mmfm.serve.server as server_module
 
     calls = []
-    monkeypatch.setattr(server_module, "serve", lambda *args: calls.append(args))
+    monkeypatch.setattr(server_module, "serve", lambda model, **options: calls.append((model, options)))
     argv = ["serve", "--model", str(folder / "model"), "--host", "0.0.0.0", "--port", "0", "--api-key", "k"]
     given = ["--allowed-dir", str(media["a"].parent), "--max-batch-size", "3", "--batch-wait-ms", "12.5"]
     assert main([*argv, *given]) == 0
-    ((model, *options),) = calls
-    assert isinstance(model, mmfm.MultimodalModel) and options == [
-        "0.0.0.0",
-        0,
-        None,
-        None,
-        3,
-        "k",
-        [str(media["a"].parent)],
-        12.5,
-    ]
+    ((model, options),) = calls
+    assert isinstance(model, mmfm.MultimodalModel) and options == {
+        "host": "0.0.0.0",
+        "port": 0,
+        "max_batch_size": 3,
+        "api_key": "k",
+        "allowed_dirs": [str(media["a"].parent)],
+        "batch_wait_ms": 12.5,
+    }
     assert main([*argv, "--allowed-dir", str(folder / "missing")]) == 2
     assert "--allowed-dir" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -28,21 +28,9 @@ KEY_COOKIE = "mmfm_api_key"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def serve(
-    model_ref: str | Path | nn.Module,
-    host: str = "127.0.0.1",
-    port: int = 7860,
-    device: str | None = None,
-    dtype: str | None = None,
-    max_batch_size: int = 8,
-    api_key: str | None = None,
-    allowed_dirs: Sequence[str | Path] = (),
-    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
-) -> None:
-    """Serves a model until interrupted (Ctrl-C); see `create_server` for the arguments."""
-    server = create_server(
-        model_ref, host, port, device, dtype, max_batch_size, api_key, allowed_dirs, batch_wait_ms=batch_wait_ms
-    )
+def serve(model_ref: str | Path | nn.Module, **options: Any) -> None:
+    """Serves a model until interrupted (Ctrl-C); `options` are `create_server`'s (host, port, device, ...)."""
+    server = create_server(model_ref, **options)
     try:
         server.run()
     finally:
