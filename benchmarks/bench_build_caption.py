@@ -134,7 +134,7 @@ print("BENCH-RESULT " + json.dumps(out))
 def main(quick: bool = False, baseline: str = BASELINE, rounds: int | None = None) -> list[Result]:
     """Prints the per-phase table (old, new, ratios) and returns t_old / t_new for each headline phase."""
     if rounds is None:
-        rounds = 2 if quick else 10
+        rounds = 1 if quick else 10
     build = "mmfm-test" if quick else "mmfm-small"
     saved, overrides = ("mmfm-test", {}) if quick else ("mmfm-tiny", {"caption": {}})
     try:
@@ -223,8 +223,8 @@ def _ratio(old: list[float], new: list[float]) -> Ratio:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models and 2 rounds, for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="tiny models and 1 round, for a smoke run")
     parser.add_argument("--baseline", default=BASELINE, metavar="REF", help=f"git ref to compare with ({BASELINE})")
-    parser.add_argument("--rounds", type=int, help="fresh-process rounds per side (default: 10, quick: 2)")
+    parser.add_argument("--rounds", type=int, help="fresh-process rounds per side (default: 10, quick: 1)")
     args = parser.parse_args()
     main(quick=args.quick, baseline=args.baseline, rounds=args.rounds)
