@@ -13,6 +13,7 @@ anything is built, as is an out_dir that cannot hold a run folder.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import time
@@ -41,6 +42,7 @@ from mmfm.train.optim import build_optimizer, warmup_cosine
 from mmfm.train.run_log import CURVES_NAME, METRICS_NAME, RunLog
 
 FINAL_NAME = "final"
+CURVES_EVERY_S = 60.0  # checkpoints redraw curves.png at most this often; the end of a run always does
 
 
 class TaskLosses(nn.Module):
@@ -163,6 +165,7 @@ class Trainer:
         self.batches = None
         self.stop_signal: int | None = None
         self._paused = 0.0
+        self._plotted = -math.inf  # time.monotonic() of the last curves.png
         self.log = (
             RunLog(self.run_dir, config.tensorboard, resume_step=self.start_step if resume_from else None)
             if self.env.is_main
@@ -369,8 +372,9 @@ class Trainer:
         }
         if self.env.is_main:
             save_checkpoint(self.run_dir, step, model, state, self.config.keep_last)
-            if self.log is not None:
-                self.log.plot()
+            if self.log is not None and time.monotonic() - self._plotted >= CURVES_EVERY_S:
+                self.log.plot()  # a matplotlib figure takes about a second: redrawn at most once a minute
+                self._plotted = time.monotonic()
         D.barrier(self.env)
         self._paused += time.perf_counter() - start
 
