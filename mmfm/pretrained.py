@@ -155,17 +155,22 @@ def download_hub(repo_id: str, revision: str | None = None, allow_patterns: list
         ) from None
 
 
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read a MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def verify_sha256(path: str | Path, expected: str) -> None:
     """Checks a file's sha256 before it is used.
 
     Raises:
         CheckpointError: naming the file, the expected and the actual digest.
     """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    actual = digest.hexdigest()
+    actual = file_sha256(path)
     if actual != expected.lower():
         raise CheckpointError(
             f"{path}: sha256 mismatch: expected {expected.lower()}, got {actual} (a corrupt or different download; "

@@ -73,8 +73,9 @@ def _letter_class() -> str:
     return "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
 
 
-LETTER = f"[{_letter_class()}]"
-ALNUM = f"[{_letter_class()}0-9]"  # letters and ASCII digits (only digits that Python's \d shares with Java)
+_LETTERS = _letter_class()
+LETTER = f"[{_LETTERS}]"
+ALNUM = f"[{_LETTERS}0-9]"  # letters and ASCII digits (only digits that Python's \d shares with Java)
 DIGIT = r"\d"
 SPACE = r"[ \t\u00a0\u2000-\u200a\u3000]"
 SPACENL = r"[ \t\u00a0\u2000-\u200a\u3000\n]"

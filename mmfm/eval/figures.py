@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from mmfm.errors import InputError
+from mmfm.text_generation import finite_number
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -140,7 +141,7 @@ def recall_figure(curves: Mapping[str, Mapping[int, float]], path: str | Path) -
         for k, recall in points.items():
             if isinstance(k, bool) or not isinstance(k, int) or k < 1:
                 raise InputError(f"curves[{name!r}] has k={k!r}: k is a whole number of at least 1")
-            if not 0.0 <= _number(recall, f"curves[{name!r}][{k}]") <= 1.0:
+            if not 0.0 <= finite_number(f"curves[{name!r}][{k}]", recall) <= 1.0:
                 raise InputError(f"curves[{name!r}][{k}] is {recall}: a recall is a fraction in [0, 1]")
         all_ks.update(points)
 
@@ -155,7 +156,7 @@ def recall_figure(curves: Mapping[str, Mapping[int, float]], path: str | Path) -
     ax.set_ylabel("recall@k")
     ax.set_title("retrieval: recall@k")
     ax.grid(alpha=0.3)
-    _legend_outside(ax)
+    legend_outside(ax)
     return save_png(figure, path)
 
 
@@ -189,7 +190,7 @@ def bar_figure(
         if not run_values:
             raise InputError(f"values[{run!r}] is empty: each run needs at least one value")
         for name, value in run_values.items():
-            _number(value, f"values[{run!r}][{name!r}]" if run else f"values[{name!r}]")
+            finite_number(f"values[{run!r}][{name!r}]" if run else f"values[{name!r}]", value)
             if name not in names:
                 names.append(name)
 
@@ -215,7 +216,7 @@ def bar_figure(
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     if len(runs) > 1:
-        _legend_outside(ax)
+        legend_outside(ax)
     return save_png(figure, path)
 
 
@@ -294,19 +295,12 @@ def _number_array(values: Any, name: str) -> np.ndarray:
     return array
 
 
-def _number(value: Any, name: str) -> float:
-    """`value` as a float; InputError unless it is a finite number (bools are not numbers here)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-        raise InputError(f"{name} is {value!r}: expected a number")
-    if not math.isfinite(value):
-        raise InputError(f"{name} is {value}: expected a finite number")
-    return float(value)
-
-
 def _longest(names: Sequence[Any]) -> int:
     return max((len(str(n)) for n in names), default=0)
 
 
-def _legend_outside(ax: Any) -> None:
+def legend_outside(ax: Any, columns: int = 1) -> None:
     """The legend to the right of the axes, so it never covers the data (constrained layout makes room)."""
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize="small", frameon=False)
+    ax.legend(
+        loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize="small", frameon=False, ncols=columns
+    )

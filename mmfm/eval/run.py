@@ -38,13 +38,13 @@ from mmfm.eval.datasets import ClassFolder
 from mmfm.eval.generation import clip_score, generation_metrics
 from mmfm.eval.report import metric_name, parse_metrics
 from mmfm.heads.image_gen import ImageGenObjective
+from mmfm.pretrained import file_sha256
 from mmfm.train.evaluate import Evaluation, evaluate_tasks, sample_lines, tasks_for
 from mmfm.train.objectives import build_objective
 
 JUDGES = ("auto", "digits", "none")  # what `judge=` takes by name
 GENERATION_METRICS = frozenset({"judged_accuracy", "diversity", "clip_score"})
 ZERO_SHOT_TASK = "zero_shot"
-_CHUNK = 1 << 20  # bytes read at a time when hashing files
 
 
 @dataclass
@@ -324,9 +324,5 @@ def data_fingerprint(data: Path, media: Iterable[Path]) -> dict[str, Any]:
 def _hash_files(files: Sequence[Path], root: Path) -> str:
     digest = hashlib.sha256()
     for path in files:
-        inner = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                inner.update(chunk)
-        digest.update(f"{os.path.relpath(path, root)} {inner.hexdigest()}\n".encode())
+        digest.update(f"{os.path.relpath(path, root)} {file_sha256(path)}\n".encode())
     return digest.hexdigest()

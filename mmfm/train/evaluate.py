@@ -158,13 +158,13 @@ def _collect(model, name: str, objective: Objective, batch: Batch, rows: Tensor,
     if "loss" in wanted:
         seen.add(f"{name}/loss", float(objective.loss_sum(model, batch)), float(objective.units(batch)))
     if isinstance(objective, CaptionObjective):
+        media = media_of(batch, objective.inputs, rows)
         if "token_accuracy" in wanted:
             ids, mask = objective.target(batch, rows)
-            predicted = model.caption_logits(media_of(batch, objective.inputs, rows), ids, mask)[:, :-1].argmax(-1)
+            predicted = model.caption_logits(media, ids, mask)[:, :-1].argmax(-1)
             real = mask[:, 1:]
             seen.add(f"{name}/token_accuracy", float(((predicted == ids[:, 1:]) & real).sum()), float(real.sum()))
         if objective.inputs and wanted & CAPTION_GENERATED:  # a text-only LM has nothing to caption
-            media = media_of(batch, objective.inputs, rows)
             predictions, references = seen.captions[name]
             predictions += caption_tensors(model, media, max_new_tokens=max_new_tokens)
             references += objective.references(batch, rows)

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mmfm.eval.figures import new_figure, save_png
+from mmfm.eval.figures import legend_outside, new_figure, save_png
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -124,14 +124,7 @@ def curves_figure(series: Series) -> Figure:
         if title == VAL_RANK:  # ranks fall from tens (or thousands) to 1: a log axis keeps the last steps apart
             _plain_log_axis(ax)
         if len(lines) > 1 or title in (TRAIN_LOSS, VAL_LOSS, VAL_METRICS, VAL_RANK):
-            ax.legend(
-                loc="upper left",
-                bbox_to_anchor=(1.01, 1.0),
-                borderaxespad=0.0,
-                fontsize="small",
-                frameon=False,
-                ncols=2 if len(lines) > 12 else 1,
-            )
+            legend_outside(ax, columns=2 if len(lines) > 12 else 1)
     _loss_axes(figure, [ax for ax, title in zip(axes, order, strict=False) if title in (TRAIN_LOSS, VAL_LOSS)])
     return figure
 
