@@ -106,6 +106,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(make_recipe, tmp_path):
     (checkpoint,) = list_checkpoints(tmp_path / "signalled")
     stopped_at = int(checkpoint.name.split("-")[1])
     assert 0 < stopped_at < 400
+    assert (tmp_path / "signalled" / "curves.png").is_file()  # drawn when the signal stopped the run
     final = train(TrainConfig.from_file(recipe, {"resume": True, "steps": stopped_at + 2}))
     assert mmfm.load(final) is not None
     steps = [s for s, _, _ in losses(tmp_path / "signalled")]

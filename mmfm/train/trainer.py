@@ -320,15 +320,16 @@ class Trainer:
                     window = {}
                 if config.eval_every and step % config.eval_every == 0 and step != config.steps:
                     self._log(step, self.evaluate())
-                if self._should_stop() or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                    self.save(step)
+                stopping = self._should_stop()
+                if stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    self.save(step, curves=True if stopping else None)  # a stopped run's curves are up to date
                 if self.stop_signal is not None:
                     bar.close()
                     raise Interrupted(self.stop_signal, step, self.run_dir)
                 tick += self._paused  # evaluation and checkpoints do not count against samples/s
                 self._paused = 0.0
             bar.close()
-            self.save(config.steps)
+            self.save(config.steps, curves=False)  # `finish` draws them, with the final metrics
             metrics = self.evaluate()
             self._log(config.steps, metrics)
             return self.finish(metrics)
@@ -349,8 +350,11 @@ class Trainer:
         self._paused += time.perf_counter() - start
         return metrics
 
-    def save(self, step: int) -> None:
-        """A checkpoint of everything resume needs; every rank takes part, rank 0 writes."""
+    def save(self, step: int, curves: bool | None = None) -> None:
+        """A checkpoint of everything resume needs; every rank takes part, rank 0 writes.
+
+        `curves`: redraw curves.png (True), not (False), or if `CURVES_EVERY_S` have passed since it last was (None).
+        """
         start = time.perf_counter()
         model = self.plain_model()
         state = {
@@ -372,8 +376,9 @@ class Trainer:
         }
         if self.env.is_main:
             save_checkpoint(self.run_dir, step, model, state, self.config.keep_last)
-            if self.log is not None and time.monotonic() - self._plotted >= CURVES_EVERY_S:
-                self.log.plot()  # a matplotlib figure takes about a second: redrawn at most once a minute
+            due = time.monotonic() - self._plotted >= CURVES_EVERY_S  # a matplotlib figure takes about a second
+            if self.log is not None and (curves or (curves is None and due)):
+                self.log.plot()
                 self._plotted = time.monotonic()
         D.barrier(self.env)
         self._paused += time.perf_counter() - start
