@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from mmfm.chat_format import ChatFormat, EncodedConversation
 from mmfm.chat_pipeline import encode_conversation, process_conversation_media, start_processed
-from mmfm.config import MEDIA
+from mmfm.config import MEDIA, quote
 from mmfm.errors import InputError
 from mmfm.inputs import expand_inputs, quoted
 from mmfm.pipelines import Classification
@@ -330,12 +330,12 @@ class Engine:
                 folder (links are followed before the check).
         """
         if not isinstance(reference, str) or not reference:
-            raise InputError(f"a media reference must be a data: URL or a file path, got {_short(reference)}")
+            raise InputError(f"a media reference must be a data: URL or a file path, got {quote(reference)}")
         if reference.startswith("data:"):
             return _decode_data_url(reference, self.model)
         path = reference.removeprefix("file://")
         if "://" in path:
-            raise InputError(f"{_short(reference)}: only data: URLs and local files are read (no network)")
+            raise InputError(f"{quote(reference)}: only data: URLs and local files are read (no network)")
         real = self._allowed(path)
         if not real.is_file():
             raise InputError(f"{quoted(path)}: no such file")
@@ -350,7 +350,7 @@ class Engine:
                 that links out of the allowed folders.
         """
         if not isinstance(folder, str) or not folder:
-            raise InputError(f"a folder must be a path, got {_short(folder)}")
+            raise InputError(f"a folder must be a path, got {quote(folder)}")
         if not self._allowed(folder).is_dir():
             raise InputError(f"{quoted(folder)}: no such folder")
         return [(self.resolve_media(path), modality) for path, modality in expand_inputs([folder], tuple(MEDIA))]
@@ -479,7 +479,7 @@ def _run_call(call: _Call) -> None:
 
 def _listed(items: Sequence[Any], name: str) -> list[Any]:
     if isinstance(items, (str, bytes, os.PathLike)) or not isinstance(items, Sequence):
-        raise InputError(f"{name} must be a list of items, got {_short(items)}; wrap one item in a list")
+        raise InputError(f"{name} must be a list of items, got {quote(items)}; wrap one item in a list")
     return list(items)
 
 
@@ -488,35 +488,29 @@ def _decode_data_url(url: str, model: nn.Module) -> Image.Image | tuple[Any, int
     header, comma, payload = url[len("data:") :].partition(",")
     kind, *params = header.split(";")
     if not comma or "base64" not in params:
-        raise InputError(f"{_short(url)}: a data: URL must be base64-encoded (data:<type>;base64,<data>)")
+        raise InputError(f"{quote(url)}: a data: URL must be base64-encoded (data:<type>;base64,<data>)")
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise InputError(f"{_short(url)}: its base64 data is invalid ({error})") from None
+        raise InputError(f"{quote(url)}: its base64 data is invalid ({error})") from None
     if kind.startswith("audio/"):
         import soundfile
 
         try:
             waveform, rate = soundfile.read(io.BytesIO(raw), dtype="float32")
         except Exception as error:  # soundfile raises its own LibsndfileError, or RuntimeError for odd files
-            raise InputError(f"{_short(url)}: not a readable {kind} clip ({error})") from None
+            raise InputError(f"{quote(url)}: not a readable {kind} clip ({error})") from None
         return waveform, int(rate)
     if not kind.startswith("image/"):
-        raise InputError(f"{_short(url)}: the media type {kind or '(none)'!r} is neither image/... nor audio/...")
+        raise InputError(f"{quote(url)}: the media type {kind or '(none)'!r} is neither image/... nor audio/...")
     try:
         image = Image.open(io.BytesIO(raw))
         limit = model.processors["image"].max_pixels if "image" in model.processors else None
         if limit is not None and image.width * image.height > limit:
-            raise InputError(f"{_short(url)}: a {image.width}x{image.height} image is larger than {limit} pixels")
+            raise InputError(f"{quote(url)}: a {image.width}x{image.height} image is larger than {limit} pixels")
         image.load()
     except InputError:
         raise
     except Exception as error:  # PIL raises UnidentifiedImageError, OSError, ValueError... for a broken file
-        raise InputError(f"{_short(url)}: not a readable image ({type(error).__name__}: {error})") from None
+        raise InputError(f"{quote(url)}: not a readable image ({type(error).__name__}: {error})") from None
     return image
-
-
-def _short(value: object) -> str:
-    """A value for an error message: a long data URL is not repeated whole."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:50]}...' ({len(text)} characters)"
