@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mmfm
-from mmfm.config import DEFAULT_BATCH_SIZE, DTYPE_NAMES, MEDIA, SCHEDULERS, read_small_file
+from mmfm.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BATCH_WAIT_MS,
+    DEFAULT_SERVE_BATCH_SIZE,
+    DTYPE_NAMES,
+    MEDIA,
+    SCHEDULERS,
+    read_small_file,
+)
 from mmfm.errors import ConfigError, InputError, MMFMError
 from mmfm.inputs import expand_inputs, printable, quoted
 
@@ -469,16 +477,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-batch-size",
         type=_positive_int,
-        default=8,
+        default=DEFAULT_SERVE_BATCH_SIZE,
         metavar="N",
-        help="chat requests decoded together (default: 8)",
+        help=f"chat requests decoded together (default: {DEFAULT_SERVE_BATCH_SIZE})",
     )
     serve.add_argument(
         "--batch-wait-ms",
         type=_milliseconds,
-        default=20.0,
+        default=DEFAULT_BATCH_WAIT_MS,
         metavar="MS",
-        help="how long a batch waits for more chat requests to join it before it starts (default: 20)",
+        help="how long a batch waits for more chat requests to join it before it starts "
+        f"(default: {DEFAULT_BATCH_WAIT_MS:g})",
     )
     serve.add_argument("--api-key", metavar="KEY", help="require this key on every request (default: $MMFM_API_KEY)")
     serve.add_argument(

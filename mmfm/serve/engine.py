@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from mmfm.chat_format import ChatFormat, EncodedConversation
 from mmfm.chat_pipeline import encode_conversation, process_conversation_media, start_processed
-from mmfm.config import MEDIA, quote
+from mmfm.config import DEFAULT_BATCH_WAIT_MS, DEFAULT_SERVE_BATCH_SIZE, MEDIA, quote
 from mmfm.errors import InputError
 from mmfm.inputs import expand_inputs, quoted
 from mmfm.pipelines import Classification
@@ -49,9 +49,6 @@ from mmfm.text_generation import GenerationConfig
 from mmfm.text_pipeline import check_prompt_lengths, generate_replies, stream_rows
 
 CAPABILITIES = ("chat", "caption", "classify", "search", "generate")
-# Eight HTTP requests sent at once reach the queue over 10-20 ms on 2 CPU cores (uvicorn's threads parse and decode
-# them under the GIL): a 20 ms window gathers them into one batch; 5-10 ms split them in two.
-DEFAULT_BATCH_WAIT_MS = 20.0
 
 
 def capabilities(model: nn.Module) -> frozenset[str]:
@@ -178,7 +175,7 @@ class Engine:
         self,
         model: nn.Module,
         *,
-        max_batch_size: int = 8,
+        max_batch_size: int = DEFAULT_SERVE_BATCH_SIZE,
         batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
         allowed_dirs: Sequence[str | Path] = (),
     ):

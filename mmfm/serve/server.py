@@ -22,7 +22,8 @@ from urllib.parse import parse_qsl, urlencode
 
 from torch import nn
 
-from mmfm.serve.engine import DEFAULT_BATCH_WAIT_MS, Engine
+from mmfm.config import DEFAULT_BATCH_WAIT_MS, DEFAULT_SERVE_BATCH_SIZE
+from mmfm.serve.engine import Engine
 
 KEY_COOKIE = "mmfm_api_key"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -43,7 +44,7 @@ def create_server(
     port: int = 7860,
     device: str | None = None,
     dtype: str | None = None,
-    max_batch_size: int = 8,
+    max_batch_size: int = DEFAULT_SERVE_BATCH_SIZE,
     api_key: str | None = None,
     allowed_dirs: Sequence[str | Path] = (),
     ui: bool = True,
